@@ -1,0 +1,129 @@
+"""Content-addressed store of stage outputs, and the hashing that keys it.
+
+An entry is ``<cache>/<stage>/<key>/`` where key is the xxh3-128 of the
+stage's manifest (its settings, input file digests, upstream keys and code
+version).  Entries are built under ``<cache>/tmp/`` and renamed into place
+once complete, so a crash or Ctrl-C never leaves one that looks valid.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import stat
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import xxhash
+
+CHUNK = 1 << 20
+
+
+def digest_bytes(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def digest_file(path: Path | str) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def digest_json(obj) -> str:
+    return digest_bytes(canonical(obj))
+
+
+def describe_tree(root: Path) -> dict[str, list]:
+    """Every entry under root with what matters for an image: type, mode,
+    owner and content (file digest or link target).  Paths are relative."""
+    out: dict[str, list] = {}
+    root = Path(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted([*dirnames, *filenames]):
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                entry = ["link", os.readlink(path)]
+            elif stat.S_ISDIR(st.st_mode):
+                entry = ["dir", mode]
+            elif stat.S_ISREG(st.st_mode):
+                entry = ["file", mode, digest_file(path)]
+            else:
+                entry = ["special", st.st_mode, st.st_rdev]
+            out[rel] = entry + [st.st_uid, st.st_gid]
+    return out
+
+
+class Cache:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.tmp = self.root / "tmp"
+
+    def entry(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def lookup(self, stage: str, key: str) -> Path | None:
+        path = self.entry(stage, key)
+        return path if path.is_dir() else None
+
+    @contextmanager
+    def publish(self, stage: str, key: str, manifest: dict) -> Iterator[Path]:
+        """Yield an empty work directory; on success it becomes the entry.
+
+        Anything that escapes the block (including KeyboardInterrupt) removes
+        the half-built directory instead.
+        """
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.collect_garbage()
+        work = self.tmp / f"{stage}-{key[:12]}.{os.getpid()}.{secrets.token_hex(3)}"
+        work.mkdir()
+        try:
+            yield work
+            (work / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            final = self.entry(stage, key)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(work, final)
+            except OSError:
+                if not final.is_dir():  # anything but "someone published it first"
+                    raise
+                remove_tree(work)
+        except BaseException:
+            remove_tree(work)
+            raise
+
+    def collect_garbage(self) -> None:
+        """Remove work directories of builds whose process is gone (killed)."""
+        if not self.tmp.is_dir():
+            return
+        for work in self.tmp.iterdir():
+            try:
+                pid = int(work.name.split(".")[1])
+            except (IndexError, ValueError):
+                continue
+            if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+                remove_tree(work)
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree that also copes with read-only directories in built trees."""
+    if not os.path.lexists(path):
+        return
+
+    def onerror(func, p, exc):
+        parent = os.path.dirname(p)
+        os.chmod(parent, 0o755)
+        func(p)
+
+    shutil.rmtree(path, onerror=onerror)

@@ -1,0 +1,452 @@
+"""Targets: the one place that reads, validates and merges target YAML.
+
+A target is ``targets/<name>/target.yaml`` (plus optional ``rootfs/`` and
+``hooks/`` beside it).  Values are checked against ``SETTINGS`` while the
+YAML node marks are still at hand, so every error names file, line and key
+path.  ``extends:`` is resolved by linearising the inheritance graph (depth
+first, each target once, parents before children) and folding the layers in
+that order with each setting's merge rule; nothing else merges config.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ARCHITECTURES = ("amd64", "arm64", "armhf", "armel", "i386")
+COMPRESSIONS = ("zstd", "xz", "gzip", "lz4", "lzo")
+IMAGE_TYPES = ("img", "cpio", "both")
+
+
+class ConfigError(Exception):
+    """A bad target: says where (file:line) and what (key path)."""
+
+    def __init__(self, file: Path | str, line: int, key: str, message: str):
+        self.file, self.line, self.key, self.message = Path(file), line, key, message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{_display(self.file)}:{self.line}"
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+# --- value types -----------------------------------------------------------
+# Each type checks one YAML node and returns plain Python data.  `key` is the
+# dotted path used in messages (sections[1].packages[0]).
+
+def _fail(file: Path, node: yaml.Node, key: str, message: str):
+    raise ConfigError(file, node.start_mark.line + 1, key, message)
+
+
+_KIND = {yaml.ScalarNode: "a scalar", yaml.SequenceNode: "a list", yaml.MappingNode: "a mapping"}
+_TAG = {"str": "a string", "int": "an integer", "bool": "true/false", "null": "null", "float": "a number"}
+
+
+def _scalar(file, node, key, tag: str, want: str):
+    if not isinstance(node, yaml.ScalarNode):
+        _fail(file, node, key, f"expected {want}, got {_KIND[type(node)]}")
+    got = node.tag.rsplit(":", 1)[-1]
+    if got != tag:
+        _fail(file, node, key, f"expected {want}, got {_TAG.get(got, got)} {node.value!r}")
+    return yaml.constructor.SafeConstructor().construct_object(node)
+
+
+class Str:
+    def __init__(self, pattern: str | None = None, hint: str = ""):
+        self.pattern, self.hint = pattern, hint
+
+    def check(self, file, node, key):
+        value = _scalar(file, node, key, "str", "a string")
+        if self.pattern and not re.fullmatch(self.pattern, value):
+            _fail(file, node, key, f"{value!r} is not {self.hint}")
+        return value
+
+
+class Bool:
+    def check(self, file, node, key):
+        return _scalar(file, node, key, "bool", "true or false")
+
+
+class Int:
+    def __init__(self, low: int, high: int):
+        self.low, self.high = low, high
+
+    def check(self, file, node, key):
+        value = _scalar(file, node, key, "int", "an integer")
+        if not self.low <= value <= self.high:
+            _fail(file, node, key, f"{value} is outside {self.low}..{self.high}")
+        return value
+
+
+class Choice:
+    def __init__(self, *values: str, what: str = "value"):
+        self.values, self.what = values, what
+
+    def check(self, file, node, key):
+        value = _scalar(file, node, key, "str", "one of " + ", ".join(self.values))
+        if value not in self.values:
+            _fail(file, node, key, f"unknown {self.what} {value!r} (known: {', '.join(self.values)})")
+        return value
+
+
+class Optional:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def check(self, file, node, key):
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+            return None
+        return self.inner.check(file, node, key)
+
+
+class ListOf:
+    def __init__(self, item, single_ok: bool = False):
+        self.item, self.single_ok = item, single_ok
+
+    def check(self, file, node, key):
+        if self.single_ok and isinstance(node, yaml.ScalarNode):
+            return [self.item.check(file, node, key)]
+        if not isinstance(node, yaml.SequenceNode):
+            _fail(file, node, key, f"expected a list, got {_KIND[type(node)]}")
+        return [self.item.check(file, n, f"{key}[{i}]") for i, n in enumerate(node.value)]
+
+
+def _pairs(file, node, key):
+    if not isinstance(node, yaml.MappingNode):
+        _fail(file, node, key, f"expected a mapping, got {_KIND[type(node)]}")
+    seen = set()
+    for knode, vnode in node.value:
+        name = _scalar(file, knode, key or "(top level)", "str", "a string key")
+        if name in seen:
+            _fail(file, knode, _join(key, name), "given twice")
+        seen.add(name)
+        yield knode, name, vnode
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+class MapOf:
+    """A mapping with checked keys, e.g. per-architecture package lists."""
+
+    def __init__(self, keys: Choice, values):
+        self.keys, self.values = keys, values
+
+    def check(self, file, node, key):
+        out = {}
+        for knode, name, vnode in _pairs(file, node, key):
+            self.keys.check(file, knode, _join(key, name))
+            out[name] = self.values.check(file, vnode, _join(key, name))
+        return out
+
+
+@dataclass(frozen=True)
+class Field:
+    type: Any
+    default: Any = None
+    merge: str = "replace"  # replace | union | record | by_name | union_map | own
+    required: bool = False
+
+
+class Record:
+    """A mapping with a closed set of keys; returns only the keys given."""
+
+    def __init__(self, **fields: Field):
+        self.fields = fields
+
+    def check(self, file, node, key):
+        out = {}
+        for knode, name, vnode in _pairs(file, node, key):
+            field = self.fields.get(name)
+            if field is None:
+                _fail(file, knode, _join(key, name),
+                      f"unknown key (allowed here: {', '.join(sorted(self.fields))})")
+            out[name] = field.type.check(file, vnode, _join(key, name))
+        for name, field in self.fields.items():
+            if field.required and name not in out:
+                _fail(file, node, _join(key, name), "required key is missing")
+        return out
+
+
+# --- the settings table -----------------------------------------------------
+
+PACKAGE = Str(r"[a-z0-9][a-z0-9+.\-]*(:[a-z0-9]+)?([=/][A-Za-z0-9+.~:\-]+)?", "a Debian package name")
+PACKAGES = ListOf(PACKAGE)
+CRYPT = Str(r"(\$[0-9a-z]+\$\S+|!|\*)", "a crypt(3) hash such as $6$... (make one with `mkpasswd -m sha-512`), '!' or '*'")
+URL = Str(r"(https?|file)://\S+", "an http(s):// or file:// URL")
+NAME = Str(r"[a-z_][a-z0-9_-]*", "a user/group name")
+UNIT = Str(r"[A-Za-z0-9@_.:\\-]+", "a systemd unit name")
+
+SECTION = Record(
+    name=Field(Str(r"[A-Za-z0-9_-]+", "a section name (letters, digits, _ and -)"), required=True),
+    packages=Field(PACKAGES, [], "union"),
+    arch_packages=Field(MapOf(Choice(*ARCHITECTURES, what="architecture"), PACKAGES), {}, "union_map"),
+    suite=Field(Str(r"[a-z0-9.\-/]+", "a suite name")),
+    components=Field(ListOf(Str(r"[a-z0-9\-/]+", "a component name")), ["main"]),
+    source=Field(URL),
+)
+USER = Record(
+    name=Field(NAME, required=True),
+    groups=Field(ListOf(NAME), [], "union"),
+    sudo=Field(Bool(), False),
+    password=Field(Optional(CRYPT)),
+    shell=Field(Str(r"/\S+", "an absolute path"), "/bin/bash"),
+)
+SETTINGS = Record(
+    extends=Field(ListOf(Str(r"[A-Za-z0-9_.\-]+", "a target name"), single_ok=True), [], "own"),
+    abstract=Field(Bool(), False, "own"),
+    description=Field(Str(), "", "own"),
+    architectures=Field(ListOf(Choice(*ARCHITECTURES, what="architecture"), single_ok=True)),
+    suite=Field(Str(r"[a-z0-9.\-]+", "a suite name")),
+    mirror=Field(URL),
+    security_mirror=Field(Optional(URL)),
+    apt_proxy=Field(Optional(URL)),
+    sections=Field(ListOf(SECTION), [], "by_name"),
+    hostname=Field(Str(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", "a host name"), "hypersolid"),
+    locale=Field(Str(r"[A-Za-z0-9_.@\-]+", "a locale name such as en_US.UTF-8"), "C.UTF-8"),
+    timezone=Field(Str(r"[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*", "a zone name such as Europe/Berlin"), "Etc/UTC"),
+    users=Field(ListOf(USER), [], "by_name"),
+    root_password=Field(Optional(CRYPT)),
+    services=Field(Record(enable=Field(ListOf(UNIT), [], "union"),
+                          disable=Field(ListOf(UNIT), [], "union")), {}, "record"),
+    squashfs=Field(Record(compression=Field(Choice(*COMPRESSIONS, what="compression"), "zstd"),
+                          level=Field(Optional(Int(1, 22)))), {}, "record"),
+    image=Field(Choice(*IMAGE_TYPES, what="image type"), "img"),
+)
+REQUIRED_TO_BUILD = ("architectures", "suite", "mirror", "sections")
+
+
+# --- merging ------------------------------------------------------------------
+
+def _union(a: list, b: list) -> list:
+    return list(dict.fromkeys([*a, *b]))
+
+
+def _merge_record(record: Record, base: dict, child: dict) -> dict:
+    out = dict(base)
+    for name, value in child.items():
+        field = record.fields[name]
+        if name not in out or field.merge == "replace":
+            out[name] = value
+        elif field.merge == "union":
+            out[name] = _union(out[name], value)
+        elif field.merge == "union_map":
+            out[name] = {k: _union(out[name].get(k, []), value.get(k, [])) for k in {**out[name], **value}}
+        elif field.merge == "record":
+            out[name] = _merge_record(field.type, out[name], value)
+        elif field.merge == "by_name":
+            items = {item["name"]: item for item in out[name]}
+            for item in value:
+                items[item["name"]] = _merge_record(field.type.item, items.get(item["name"], {}), item)
+            out[name] = list(items.values())
+    return out
+
+
+def _with_defaults(record: Record, values: dict) -> dict:
+    out = {}
+    for name, field in record.fields.items():
+        value = values.get(name, field.default)
+        if isinstance(field.type, Record):
+            value = _with_defaults(field.type, value or {})
+        elif isinstance(field.type, ListOf) and isinstance(field.type.item, Record):
+            value = [_with_defaults(field.type.item, v) for v in value]
+        out[name] = value
+    return out
+
+
+# --- the result ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    packages: tuple[str, ...]
+    arch_packages: tuple[tuple[str, tuple[str, ...]], ...]
+    suite: str
+    components: tuple[str, ...]
+    source: str
+
+    def packages_for(self, arch: str) -> tuple[str, ...]:
+        extra = dict(self.arch_packages).get(arch, ())
+        return tuple(dict.fromkeys([*self.packages, *extra]))
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    groups: tuple[str, ...]
+    sudo: bool
+    password: str | None
+    shell: str
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    file: Path
+    layers: tuple[Path, ...]  # target directories, generic first, this target last
+    abstract: bool
+    description: str
+    architectures: tuple[str, ...]
+    suite: str
+    mirror: str
+    security_mirror: str | None
+    apt_proxy: str | None
+    sections: tuple[Section, ...]
+    hostname: str
+    locale: str
+    timezone: str
+    users: tuple[User, ...]
+    root_password: str | None
+    services_enable: tuple[str, ...]
+    services_disable: tuple[str, ...]
+    compression: str
+    compression_level: int | None
+    image: str
+
+    def hook_files(self, kind: str) -> list[Path]:
+        """Hooks of one kind (e.g. 'pre-configure') from every layer, in run order.
+
+        Order: numeric/lexical by file name across layers, a later layer's
+        hook replacing an earlier one of the same name.
+        """
+        found: dict[str, Path] = {}
+        for layer in self.layers:
+            d = layer / "hooks" / f"{kind}.d"
+            if d.is_dir():
+                for f in sorted(d.iterdir()):
+                    if not f.name.startswith(".") and not f.name.endswith("~"):
+                        found[f.name] = f
+        return [found[n] for n in sorted(found)]
+
+
+class Project:
+    """A checkout: targets/, the generic rootfs/ overlay, and where builds go."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.targets_dir = self.root / "targets"
+
+    @property
+    def generic_overlay(self) -> Path:
+        return self.root / "rootfs"
+
+    def overlay_dirs(self, target: Target) -> list[Path]:
+        return [self.generic_overlay] + [layer / "rootfs" for layer in target.layers]
+
+    def target_names(self) -> list[str]:
+        if not self.targets_dir.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.targets_dir.glob("*/target.yaml"))
+
+    def buildable(self) -> list[Target]:
+        return [t for t in (self.load(n) for n in self.target_names()) if not t.abstract]
+
+    def load(self, name: str) -> Target:
+        return _load_target(self.targets_dir.resolve(), name)
+
+
+def _target_file(targets_dir: Path, name: str) -> Path:
+    return targets_dir / name / "target.yaml"
+
+
+@lru_cache(maxsize=None)
+def _read_layer(file: Path) -> tuple[dict, dict]:
+    """Checked values of one file, plus the line of each top-level key."""
+    try:
+        text = file.read_text()
+    except OSError as err:
+        raise ConfigError(file, 1, "", f"cannot read target: {err.strerror}") from None
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        line = mark.line + 1 if mark else 1
+        raise ConfigError(file, line, "", f"invalid YAML: {getattr(err, 'problem', err)}") from None
+    if node is None:
+        return {}, {}
+    values = SETTINGS.check(file, node, "")
+    lines = {name: k.start_mark.line + 1 for k, name, _ in _pairs(file, node, "")}
+    return values, lines
+
+
+def _linearise(targets_dir: Path, name: str, chain: tuple[str, ...] = ()) -> list[str]:
+    file = _target_file(targets_dir, name)
+    values, lines = _read_layer(file)
+    order: list[str] = []
+    for parent in values.get("extends", []):
+        if parent == name or parent in chain:
+            raise ConfigError(file, lines["extends"], "extends",
+                              f"inheritance cycle: {' -> '.join([*chain, name, parent])}")
+        if not _target_file(targets_dir, parent).is_file():
+            known = ", ".join(p.parent.name for p in sorted(targets_dir.glob("*/target.yaml")))
+            raise ConfigError(file, lines["extends"], "extends",
+                              f"no target {parent!r} (no {_display(_target_file(targets_dir, parent))}; known: {known})")
+        for n in _linearise(targets_dir, parent, (*chain, name)):
+            if n not in order:
+                order.append(n)
+    return [*order, name]
+
+
+@lru_cache(maxsize=None)
+def _load_target(targets_dir: Path, name: str) -> Target:
+    file = _target_file(targets_dir, name)
+    if not file.is_file():
+        known = ", ".join(p.parent.name for p in sorted(targets_dir.glob("*/target.yaml")))
+        raise ConfigError(file, 0, "", f"no such target {name!r} (known: {known or 'none'})")
+    order = _linearise(targets_dir, name)
+    merged: dict = {}
+    for layer in order:
+        values, _ = _read_layer(_target_file(targets_dir, layer))
+        merged = _merge_record(SETTINGS, merged, {k: v for k, v in values.items()
+                                                  if SETTINGS.fields[k].merge != "own"})
+    own, lines = _read_layer(file)
+    merged.update({k: v for k, v in own.items() if SETTINGS.fields[k].merge == "own"})
+    v = _with_defaults(SETTINGS, merged)
+    if not v["abstract"]:
+        for key in REQUIRED_TO_BUILD:
+            if not v[key]:
+                raise ConfigError(file, 1, key, "required to build this target, but neither it nor "
+                                  f"the targets it extends ({', '.join(order[:-1]) or 'none'}) set it "
+                                  "(mark it `abstract: true` if it is only a base)")
+    return Target(
+        name=name, file=file,
+        layers=tuple(targets_dir / n for n in order),
+        abstract=v["abstract"], description=v["description"],
+        architectures=tuple(dict.fromkeys(v["architectures"] or ())),
+        suite=v["suite"] or "", mirror=v["mirror"] or "",
+        security_mirror=v["security_mirror"], apt_proxy=v["apt_proxy"],
+        sections=tuple(
+            Section(name=s["name"], packages=tuple(s["packages"]),
+                    arch_packages=tuple(sorted((a, tuple(p)) for a, p in s["arch_packages"].items())),
+                    suite=s["suite"] or v["suite"], components=tuple(s["components"]),
+                    source=s["source"] or v["mirror"])
+            for s in v["sections"]),
+        hostname=v["hostname"], locale=v["locale"], timezone=v["timezone"],
+        users=tuple(User(name=u["name"], groups=tuple(u["groups"]), sudo=u["sudo"],
+                         password=u["password"], shell=u["shell"]) for u in v["users"]),
+        root_password=v["root_password"],
+        services_enable=tuple(v["services"]["enable"]),
+        services_disable=tuple(v["services"]["disable"]),
+        compression=v["squashfs"]["compression"],
+        compression_level=v["squashfs"]["level"],
+        image=v["image"],
+    )
+
+
+def clear_caches() -> None:
+    """Forget parsed files (tests edit targets within one process)."""
+    _read_layer.cache_clear()
+    _load_target.cache_clear()
+

@@ -1,0 +1,55 @@
+"""Console reporter: doit's own lines ('.  task' ran, '-- task' up to date),
+then a summary with how long each executed stage took."""
+from __future__ import annotations
+
+import time
+
+from doit.reporter import ConsoleReporter
+
+
+class TimingReporter(ConsoleReporter):
+    desc = "doit's console output plus hypersolid stage timings"
+
+    def __init__(self, outstream, options):
+        super().__init__(outstream, options)
+        self._started: dict[str, float] = {}
+        self.timings: list[tuple[str, float, str]] = []
+        self.uptodate = 0
+        self._run_start = time.monotonic()
+
+    def execute_task(self, task):
+        self._started[task.name] = time.monotonic()
+        super().execute_task(task)
+
+    def _finish(self, task, outcome):
+        start = self._started.pop(task.name, None)
+        if start is not None and task.actions:
+            values = getattr(task, "values", None) or {}
+            if outcome == "ok" and values.get("cache_hit"):
+                outcome = "cache hit"
+            self.timings.append((task.name, time.monotonic() - start, outcome))
+
+    def add_success(self, task):
+        self._finish(task, "ok")
+        super().add_success(task)
+
+    def add_failure(self, task, fail):
+        self._finish(task, "FAILED")
+        super().add_failure(task, fail)
+
+    def skip_uptodate(self, task):
+        if task.actions and not task.name.startswith("_"):
+            self.uptodate += 1
+        super().skip_uptodate(task)
+
+    def complete_run(self):
+        super().complete_run()
+        total = time.monotonic() - self._run_start
+        if not self.timings:
+            self.write(f"hypersolid: nothing to do, {self.uptodate} stage(s) up to date ({total:.1f}s)\n")
+            return
+        self.write("hypersolid: stage timings\n")
+        for name, seconds, outcome in self.timings:
+            self.write(f"  {name:<40} {seconds:8.1f}s  {outcome}\n")
+        self.write(f"hypersolid: {len(self.timings)} stage(s) executed, {self.uptodate} up to date, "
+                   f"{total:.1f}s in all\n")

@@ -1,0 +1,69 @@
+"""bootstrap: multistrap unpacks the target's packages into a tree.
+
+Only the package selection and its sources are inputs, so editing anything
+else never repeats this stage.  apt downloads through DebProxy, which keeps
+every .deb in the cache: a later bootstrap downloads only new packages.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import Target
+from ..debproxy import DebProxy
+from ..run import Log, output, run
+from . import Stage, Unit, register
+
+KEYRING = "debian-archive-keyring"
+
+
+def sections_for(target: Target, arch: str) -> list[dict]:
+    """The target's sections for one architecture, plus the security archive."""
+    out = [{"name": s.name, "packages": list(s.packages_for(arch)), "suite": s.suite,
+            "components": list(s.components), "source": s.source} for s in target.sections]
+    if target.security_mirror:
+        components = list(dict.fromkeys(c for s in target.sections if s.source == target.mirror
+                                        for c in s.components)) or ["main"]
+        out.append({"name": "security", "packages": [], "suite": f"{target.suite}-security",
+                    "components": components, "source": target.security_mirror})
+    return out
+
+
+def multistrap_ini(arch: str, directory: Path, sections: list[dict]) -> str:
+    """multistrap's configuration.  Native configuration is switched off
+    (ignorenativearch): configuring is the configure stage's job."""
+    names = " ".join(s["name"] for s in sections)
+    lines = ["[General]", f"arch={arch}", f"directory={directory}", "cleanup=true",
+             "noauth=false", "unpack=true", "ignorenativearch=true",
+             f"aptsources={names}", f"bootstrap={names}", ""]
+    for s in sections:
+        lines += [f"[{s['name']}]", f"packages={' '.join(s['packages'])}", f"source={s['source']}",
+                  f"keyring={KEYRING}", f"suite={s['suite']}",
+                  f"components={' '.join(s['components'])}", "omitdebsrc=true", ""]
+    return "\n".join(lines)
+
+
+def multistrap_version() -> str:
+    return output(["dpkg-query", "-W", "-f=${Version}", "multistrap"]).strip() or "unknown"
+
+
+@register
+class Bootstrap(Stage):
+    name = "bootstrap"
+    doc = "multistrap: the target's packages unpacked into a tree"
+
+    def settings(self, unit: Unit) -> dict:
+        return {"arch": unit.arch, "sections": sections_for(unit.target, unit.arch),
+                "multistrap": multistrap_version()}
+
+    def build(self, unit: Unit, out: Path, log: Log) -> None:
+        tree = out / "tree"
+        ini = out / "multistrap.ini"
+        ini.write_text(multistrap_ini(unit.arch, tree, sections_for(unit.target, unit.arch)))
+        with DebProxy(unit.cache.root / "debs", unit.target.apt_proxy) as proxy:
+            run(["multistrap", "-f", ini], log, env={"http_proxy": proxy.url})
+        stats = {"downloaded_bytes": proxy.downloaded, "reused_bytes": proxy.served_from_cache}
+        (out / "stats.json").write_text(json.dumps(stats))
+        log.note(f"# downloaded {proxy.downloaded} bytes, reused {proxy.served_from_cache} bytes of cached packages")
+        for leftover in (tree / "var/cache/apt").glob("*.bin"):
+            leftover.unlink()

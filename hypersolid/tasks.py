@@ -1,0 +1,105 @@
+"""doit task generators: one task per stage, one subtask per target (and
+architecture).  Stages are chained through key files (file_dep), so a stage
+re-runs only when its own inputs changed, and settings enter through
+config_changed.  dodo.py re-exports what is here."""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from doit.exceptions import InvalidDodoFile, TaskFailed
+from doit.tools import config_changed
+
+from .cache import Cache
+from .checker import XxhashChecker
+from .config import ConfigError, Project, Target
+from .report import TimingReporter
+from .run import BuildError
+from .stages import STAGES, Unit, default_cache_dir, execute
+
+ORDER = ("rootfs", "bootstrap", "configure", "squashfs")
+DEP_FILE = "build/doit.sqlite3"
+
+
+@lru_cache(maxsize=None)
+def _project(root: str) -> Project:
+    return Project(Path(root))
+
+
+def _buildable() -> list[Target]:
+    try:
+        return _project(os.getcwd()).buildable()
+    except ConfigError as err:
+        raise InvalidDodoFile(f"bad target: {err}") from None
+
+
+def subtask_name(target: Target, arch: str | None) -> str:
+    """`rpi4` for a single-architecture target, `multi-arm64` otherwise."""
+    if arch is None or len(target.architectures) == 1:
+        return target.name
+    return f"{target.name}-{arch}"
+
+
+def units(stage_name: str) -> list[Unit]:
+    project = _project(os.getcwd())
+    cache = Cache(default_cache_dir(project))
+    out = []
+    for target in _buildable():
+        arches = target.architectures if STAGES[stage_name].per_arch else (None,)
+        out += [Unit(project, target, arch, cache) for arch in arches]
+    return out
+
+
+def run_stage(stage_name: str, unit: Unit):
+    """The python-action: a BuildError becomes a clean doit failure."""
+    try:
+        return execute(stage_name, unit)
+    except BuildError as err:
+        return TaskFailed(str(err))
+
+
+def _tasks(stage_name: str):
+    stage = STAGES[stage_name]
+    yield {"name": None, "doc": stage.doc}
+    for unit in units(stage_name):
+        root = unit.project.root
+        rel = lambda p: os.path.relpath(p, root)  # noqa: E731 - relative keys keep checkouts movable
+        yield {
+            "name": subtask_name(unit.target, unit.arch),
+            "doc": f"{stage.doc} [{unit.target.name}{'/' + unit.arch if unit.arch else ''}]",
+            "actions": [(run_stage, [stage_name, unit])],
+            "file_dep": sorted(rel(p) for p in stage.input_files(unit).values())
+                        + [rel(unit.key_file(s)) for s in stage.upstream],
+            "targets": [rel(unit.key_file(stage_name))],
+            "uptodate": [config_changed(stage.static_inputs(unit))],
+            "clean": True,
+            "verbosity": 1,
+        }
+
+
+def task_rootfs():
+    yield from _tasks("rootfs")
+
+
+def task_bootstrap():
+    yield from _tasks("bootstrap")
+
+
+def task_configure():
+    yield from _tasks("configure")
+
+
+def task_squashfs():
+    yield from _tasks("squashfs")
+
+
+def doit_config(default_target: str) -> dict:
+    Path("build").mkdir(exist_ok=True)  # doit needs the database's directory
+    return {
+        "dep_file": DEP_FILE,
+        "backend": "sqlite3",
+        "check_file_uptodate": XxhashChecker,
+        "reporter": TimingReporter,
+        "default_tasks": [f"squashfs:{default_target}"],
+    }
