@@ -56,10 +56,11 @@ def _tail(log: Path, count: int = 15) -> list[str]:
 class Log:
     """A stage's log file: commands and their output, appended in order."""
 
-    def __init__(self, path: Path, stage: str):
+    def __init__(self, path: Path, stage: str, append: bool = False):
         self.path, self.stage = Path(path), stage
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(f"# {stage} started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        if not append:
+            self.path.write_text(f"# {stage} started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
 
     def note(self, text: str) -> None:
         with open(self.path, "a") as f:

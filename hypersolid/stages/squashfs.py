@@ -7,12 +7,16 @@ copied, not modified.
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 from .. import accounts
 from ..container import run_in
-from ..run import Log, output, run
+from ..cache import Cache, remove_tree
+from ..config import Project
+from ..run import BuildError, Log, output, run
 from . import Stage, Unit, register
 
 MIN_IMAGE_BYTES = 1 << 20
@@ -81,9 +85,34 @@ class Squashfs(Stage):
         return {f"post-configure.d/{h.name}": h for h in unit.target.hook_files("post-configure")}
 
     def build(self, unit: Unit, out: Path, log: Log) -> None:
-        tree = out / ".tree"
-        run(["cp", "-a", "--reflink=auto", unit.output("configure") / "tree", tree], log)
-        run(["cp", "-rT", "--no-dereference", "--preserve=mode,timestamps,links",
+        # Assembled by a child in a private mount namespace: its overlay
+        # mount vanishes with it however it ends (error, Ctrl-C, SIGKILL).
+        args = {"root": str(unit.project.root), "target": unit.target.name, "arch": unit.arch,
+                "cache": str(unit.cache.root), "out": str(out)}
+        error = out / ".error"
+        try:
+            run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
+                 "from hypersolid.stages.squashfs import main; main()", json.dumps(args)],
+                log, env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+        except BuildError:
+            if error.exists():
+                raise BuildError(log.stage, error.read_text(), None, log.path) from None
+            raise
+
+    def assemble(self, unit: Unit, out: Path, log: Log) -> None:
+        """Runs inside the private mount namespace (see build)."""
+        work = out / ".work"
+        tree = work / "merged"
+        for d in ("upper", "work", "merged"):
+            (work / d).mkdir(parents=True)
+        lower = unit.output("configure") / "tree"
+        mounted = run(["mount", "-t", "overlay", "overlay", "-o",
+                       f"lowerdir={lower},upperdir={work / 'upper'},workdir={work / 'work'}", tree],
+                      log, check=False).returncode == 0
+        if not mounted:  # no overlayfs here: fall back to a full copy
+            log.note("# overlayfs unavailable, copying the configured tree instead")
+            run(["cp", "-a", "--reflink=auto", f"{lower}/.", tree], log)
+        run(["cp", "-rT", "--no-dereference", "--remove-destination", "--preserve=mode,timestamps,links",
              unit.without_arch().output("rootfs") / "tree", tree], log)
         self._settings(unit, tree, log)
         self._hooks(unit, tree, log)
@@ -103,7 +132,9 @@ class Squashfs(Stage):
                  out, cpio], log)
             if t.image == "cpio":
                 image.unlink()
-        run(["rm", "-rf", tree], log)
+        if mounted:
+            run(["umount", tree], log)
+        remove_tree(work)
 
     def _settings(self, unit: Unit, tree: Path, log: Log) -> None:
         t = unit.target
@@ -143,3 +174,17 @@ class Squashfs(Stage):
         runner.write_text(HOOK_RUNNER)
         runner.chmod(0o755)
         run_in(tree, ["/.hypersolid/run-post-configure"], log)
+
+
+def main() -> None:
+    """Child entry point of Squashfs.build (argument: JSON)."""
+    args = json.loads(sys.argv[1])
+    project = Project(args["root"])
+    unit = Unit(project, project.load(args["target"]), args["arch"], Cache(args["cache"]))
+    log = Log(unit.log_path("squashfs"), f"squashfs:{unit.target.name}/{unit.arch}", append=True)
+    out = Path(args["out"])
+    try:
+        Squashfs().assemble(unit, out, log)
+    except BuildError as err:
+        (out / ".error").write_text(err.message)
+        sys.exit(3)
