@@ -85,7 +85,6 @@ class Cache:
         the half-built directory instead.
         """
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.collect_garbage()
         work = self.tmp / f"{stage}-{key[:12]}.{os.getpid()}.{secrets.token_hex(3)}"
         work.mkdir()
         try:

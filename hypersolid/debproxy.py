@@ -24,7 +24,8 @@ class DebProxy:
     def __init__(self, store: Path, upstream_proxy: str | None = None):
         self.store = Path(store)
         self.upstream_proxy = upstream_proxy
-        self.downloaded = 0  # bytes fetched from upstream
+        self.downloaded = 0  # bytes fetched from upstream, indexes included
+        self.downloaded_debs = 0  # of which package files
         self.served_from_cache = 0  # bytes of .deb served without downloading
         self._lock = threading.Lock()
         proxies = {"http": upstream_proxy, "https": upstream_proxy} if upstream_proxy else {}
@@ -101,6 +102,7 @@ class DebProxy:
                     return
                 if cached is not None and status == 200:
                     proxy._store(cached, body)
+                    proxy._count("downloaded_debs", len(body))
                 self._send(status, headers, len(body))
                 if not head:
                     self.wfile.write(body)

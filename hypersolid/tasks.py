@@ -41,9 +41,17 @@ def subtask_name(target: Target, arch: str | None) -> str:
     return f"{target.name}-{arch}"
 
 
+@lru_cache(maxsize=None)
+def _cache(root: str) -> Cache:
+    """The cache, swept once per run of work dirs left by killed builds."""
+    cache = Cache(default_cache_dir(_project(root)))
+    cache.collect_garbage()
+    return cache
+
+
 def units(stage_name: str) -> list[Unit]:
     project = _project(os.getcwd())
-    cache = Cache(default_cache_dir(project))
+    cache = _cache(os.getcwd())
     out = []
     for target in _buildable():
         arches = target.architectures if STAGES[stage_name].per_arch else (None,)

@@ -62,7 +62,8 @@ class Bootstrap(Stage):
         ini.write_text(multistrap_ini(unit.arch, tree, sections_for(unit.target, unit.arch)))
         with DebProxy(unit.cache.root / "debs", unit.target.apt_proxy) as proxy:
             run(["multistrap", "-f", ini], log, env={"http_proxy": proxy.url})
-        stats = {"downloaded_bytes": proxy.downloaded, "reused_bytes": proxy.served_from_cache}
+        stats = {"downloaded_bytes": proxy.downloaded, "downloaded_deb_bytes": proxy.downloaded_debs,
+                 "reused_deb_bytes": proxy.served_from_cache}
         (out / "stats.json").write_text(json.dumps(stats))
         log.note(f"# downloaded {proxy.downloaded} bytes, reused {proxy.served_from_cache} bytes of cached packages")
         for leftover in (tree / "var/cache/apt").glob("*.bin"):

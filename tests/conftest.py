@@ -1,0 +1,106 @@
+"""Shared helpers: throwaway projects driven through the real `doit` CLI."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = os.environ.get("HYPERSOLID_TEST_MIRROR", "http://deb.debian.org/debian")
+
+
+@dataclass
+class DoitResult:
+    returncode: int
+    output: str
+
+    @property
+    def executed(self) -> set[str]:
+        return set(re.findall(r"^\.  (\S+)$", self.output, re.M))
+
+    @property
+    def uptodate(self) -> set[str]:
+        return set(re.findall(r"^-- (\S+)$", self.output, re.M))
+
+
+class TestProject:
+    """A project directory with its own targets, using the repo's package."""
+
+    __test__ = False
+
+    def __init__(self, root: Path, cache: Path):
+        self.root, self.cache = root, cache
+        (root / "targets").mkdir(parents=True, exist_ok=True)
+        (root / "rootfs").mkdir(exist_ok=True)
+        shutil.copy(REPO / "dodo.py", root / "dodo.py")
+
+    def write(self, rel: str, text: str, mode: int | None = None) -> Path:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+        if mode is not None:
+            path.chmod(mode)
+        return path
+
+    def target(self, name: str, text: str) -> Path:
+        return self.write(f"targets/{name}/target.yaml", text)
+
+    def doit(self, *args: str, check: bool = True, timeout: int = 1800) -> DoitResult:
+        env = {**os.environ, "HYPERSOLID_CACHE": str(self.cache),
+               "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        proc = subprocess.run([sys.executable, "-m", "doit", *args], cwd=self.root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=timeout)
+        result = DoitResult(proc.returncode, proc.stdout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"doit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}")
+        return result
+
+    def key(self, stage: str, target: str, arch: str | None = "amd64") -> str:
+        d = self.root / "build" / target
+        d = d / arch if arch and stage != "rootfs" else d
+        return (d / f"{stage}.key").read_text().strip()
+
+    def entry(self, stage: str, target: str, arch: str | None = "amd64") -> Path:
+        return self.cache / stage / self.key(stage, target, arch)
+
+
+def tiny_target(packages: str = "netbase", extra: str = "") -> str:
+    """A small buildable target: Priority: required packages plus a few."""
+    return textwrap.dedent(f"""\
+        architectures: [amd64]
+        suite: bookworm
+        mirror: {MIRROR}
+        security_mirror: null
+        sections:
+          - name: debian
+            packages: [{packages}]
+        hostname: tiny
+        image: img
+        """) + textwrap.dedent(extra)
+
+
+def needs_root_and_tools() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("integration tests build real trees and need root")
+    missing = [t for t in ("multistrap", "mksquashfs", "unsquashfs", "systemd-nspawn")
+               if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"host tools missing: {', '.join(missing)} (run ./setup.sh --no-build)")
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One cache for the whole run, so downloaded .debs and trees are shared."""
+    return Path(os.environ.get("HYPERSOLID_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
+
+
+def mounts() -> list[str]:
+    return Path("/proc/mounts").read_text().splitlines()
