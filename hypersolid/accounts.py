@@ -60,6 +60,8 @@ def apply(tree: Path, users: tuple[User, ...], root_password: str | None) -> Non
     for user in users:
         if passwd.find(user.name):
             raise AccountError(f"user {user.name!r} already exists in the image (created by a package)")
+        if group.find(user.name):
+            raise AccountError(f"user {user.name!r}: a group of that name already exists in the image")
         wanted = list(dict.fromkeys([*user.groups, *(["sudo"] if user.sudo else [])]))
         missing = [g for g in wanted if group.find(g) is None]
         if missing:

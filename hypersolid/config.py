@@ -122,6 +122,19 @@ class ListOf:
         return [self.item.check(file, n, f"{key}[{i}]") for i, n in enumerate(node.value)]
 
 
+class NamedList(ListOf):
+    """A list of records merged by their `name`: each name once per file."""
+
+    def check(self, file, node, key):
+        items = super().check(file, node, key)
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            if item["name"] in seen:
+                _fail(file, node.value[i], f"{key}[{i}].name", f"{item['name']!r} is given twice in this list")
+            seen.add(item["name"])
+        return items
+
+
 def _pairs(file, node, key):
     if not isinstance(node, yaml.MappingNode):
         _fail(file, node, key, f"expected a mapping, got {_KIND[type(node)]}")
@@ -213,11 +226,11 @@ SETTINGS = Record(
     mirror=Field(URL),
     security_mirror=Field(Optional(URL)),
     apt_proxy=Field(Optional(URL)),
-    sections=Field(ListOf(SECTION), [], "by_name"),
+    sections=Field(NamedList(SECTION), [], "by_name"),
     hostname=Field(Str(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", "a host name"), "hypersolid"),
     locale=Field(Str(r"[A-Za-z0-9_.@\-]+", "a locale name such as en_US.UTF-8"), "C.UTF-8"),
     timezone=Field(Str(r"[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*", "a zone name such as Europe/Berlin"), "Etc/UTC"),
-    users=Field(ListOf(USER), [], "by_name"),
+    users=Field(NamedList(USER), [], "by_name"),
     root_password=Field(Optional(CRYPT)),
     services=Field(Record(enable=Field(ListOf(UNIT), [], "union"),
                           disable=Field(ListOf(UNIT), [], "union")), {}, "record"),

@@ -110,4 +110,5 @@ def doit_config(default_target: str) -> dict:
         "check_file_uptodate": XxhashChecker,
         "reporter": TimingReporter,
         "default_tasks": [f"squashfs:{default_target}"],
+        "subtasks": True,  # `doit list` shows one line per target
     }

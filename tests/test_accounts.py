@@ -198,3 +198,16 @@ def test_tree_without_root_in_shadow(tree):
     (tree / "etc/shadow").write_text("")
     with pytest.raises(AccountError, match="no root entry"):
         apply(tree, (), None)
+
+
+def test_user_named_like_an_existing_group_does_not_duplicate_the_group(tree):
+    """`staff` is a base-passwd group: adding a user `staff` must fail (as
+    useradd does) or reuse it, never write a second `staff` group."""
+    try:
+        apply(tree, (user(name="staff"),), None)
+    except AccountError as err:
+        assert "staff" in str(err)
+        return
+    for name in ("group", "gshadow"):
+        names = [line.split(":")[0] for line in (tree / "etc" / name).read_text().splitlines()]
+        assert names.count("staff") == 1, f"etc/{name} has {names.count('staff')} 'staff' groups"

@@ -123,14 +123,6 @@ def test_collect_garbage_removes_dirs_of_dead_pids_only(cache):
     assert mine.is_dir() and parent.is_dir() and unrelated.is_dir()
 
 
-def test_publish_collects_garbage_of_killed_builds(cache):
-    cache.tmp.mkdir(parents=True)
-    dead = cache.tmp / f"rootfs-{KEY[:12]}.{_dead_pid()}.abcdef"
-    dead.mkdir()
-    with cache.publish("rootfs", KEY, {}):
-        assert not dead.exists()
-
-
 def test_collect_garbage_without_tmp_dir(cache):
     cache.collect_garbage()
     assert not cache.tmp.exists()

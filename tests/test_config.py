@@ -744,3 +744,65 @@ def test_subtask_name_adds_arch_only_for_multi_arch_targets(root):
     assert subtask_name(one, None) == "one"
     assert subtask_name(multi, "arm64") == "multi-arm64"
     assert subtask_name(multi, None) == "multi"
+
+
+# --- names that must be unique within a list ---------------------------------------
+# A list merged by name must not keep two entries of one name: either the target
+# is rejected (ConfigError at the second name) or the entries are merged, as they
+# are when the same list comes from a later layer.
+
+def test_duplicate_section_name_in_one_target_is_rejected_or_merged(root):
+    write(root, "t", """\
+        architectures: [amd64]
+        suite: bookworm
+        mirror: http://deb.debian.org/debian
+        sections:
+          - name: debian
+            packages: [systemd]
+          - name: debian
+            packages: [vim]
+        """)
+    try:
+        t = Project(root).load("t")
+    except ConfigError as err:
+        assert (err.file, err.line, err.key) == (target_file(root, "t"), 7, "sections[1].name"), str(err)
+    else:
+        names = [s.name for s in t.sections]
+        assert len(names) == len(set(names)), f"two sections named debian: {t.sections}"
+
+
+def test_duplicate_user_name_in_one_target_is_rejected_or_merged(root):
+    write(root, "t", """\
+        architectures: [amd64]
+        suite: bookworm
+        mirror: http://deb.debian.org/debian
+        sections:
+          - name: debian
+        users:
+          - name: alice
+          - name: alice
+            sudo: true
+        """)
+    try:
+        t = Project(root).load("t")
+    except ConfigError as err:
+        assert (err.file, err.line, err.key) == (target_file(root, "t"), 8, "users[1].name"), str(err)
+    else:
+        names = [u.name for u in t.users]
+        assert len(names) == len(set(names)), f"two users named alice: {t.users}"
+
+
+def test_duplicate_section_name_in_a_later_layer_is_rejected_too(root):
+    write(root, "base", BASE)
+    write(root, "t", """\
+        extends: base
+        architectures: [amd64]
+        sections:
+          - name: debian
+            packages: [vim]
+          - name: debian
+            packages: [less]
+        """)
+    with pytest.raises(ConfigError) as err:
+        Project(root).load("t")
+    assert (err.value.line, err.value.key) == (6, "sections[1].name")

@@ -109,13 +109,16 @@ def test_arch_packages_only_for_that_arch(tmp_path, arch, present, absent):
     assert absent not in packages
 
 
-def test_each_section_has_source_suite_components_keyring_and_omitdebsrc(tmp_path):
+def test_each_section_has_source_suite_components_and_the_first_the_keyring(tmp_path):
     ini = ini_for(load(tmp_path, TARGET), "amd64")
     for name in ("debian", "vendor", "security"):
         s = ini[name]
-        assert {"packages", "source", "suite", "components", "keyring", "omitdebsrc"} <= set(s), name
-        assert s["keyring"] == KEYRING == "debian-archive-keyring"
+        assert {"packages", "source", "suite", "components", "omitdebsrc"} <= set(s), name
         assert s["omitdebsrc"] == "true"
+    # multistrap deletes the keyring package after the first section naming
+    # it and then fails on the next: the keyring is named once.
+    assert ini["debian"]["keyring"] == KEYRING == "debian-archive-keyring"
+    assert "keyring" not in ini["vendor"] and "keyring" not in ini["security"]
     assert dict(ini["debian"]) == {
         "packages": "systemd sudo linux-image-amd64",
         "source": "http://deb.debian.org/debian",
@@ -158,3 +161,19 @@ def test_shipped_qemu_amd64_ini():
     assert "linux-image-amd64" in ini["debian"]["packages"].split()
     if target.security_mirror:
         assert ini["security"]["suite"] == f"{target.suite}-security"
+
+
+def test_section_named_security_does_not_duplicate_the_security_section(tmp_path):
+    """A target's own section called `security` plus security_mirror must not
+    give multistrap two [security] sections: reject it or emit one."""
+    from hypersolid.config import ConfigError
+    text = TARGET.rstrip(" ") + "      - name: security\n        source: http://security.example/debian-security\n"
+    try:
+        target = load(tmp_path, text)
+    except ConfigError as err:
+        assert err.key == "sections[2].name", str(err)
+        return
+    text = multistrap_ini("amd64", Path("/tree"), sections_for(target, "amd64"))
+    ini = parse(text)  # strict: a duplicate section raises DuplicateSectionError
+    names = ini["General"]["aptsources"].split()
+    assert len(names) == len(set(names)), names

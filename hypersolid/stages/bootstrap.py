@@ -18,10 +18,11 @@ KEYRING = "debian-archive-keyring"
 
 
 def sections_for(target: Target, arch: str) -> list[dict]:
-    """The target's sections for one architecture, plus the security archive."""
+    """The target's sections for one architecture, plus the security archive
+    (unless the target defines a section named `security` itself)."""
     out = [{"name": s.name, "packages": list(s.packages_for(arch)), "suite": s.suite,
             "components": list(s.components), "source": s.source} for s in target.sections]
-    if target.security_mirror:
+    if target.security_mirror and not any(s.name == "security" for s in target.sections):
         components = list(dict.fromkeys(c for s in target.sections if s.source == target.mirror
                                         for c in s.components)) or ["main"]
         out.append({"name": "security", "packages": [], "suite": f"{target.suite}-security",
@@ -36,9 +37,12 @@ def multistrap_ini(arch: str, directory: Path, sections: list[dict]) -> str:
     lines = ["[General]", f"arch={arch}", f"directory={directory}", "cleanup=true",
              "noauth=false", "unpack=true", "ignorenativearch=true",
              f"aptsources={names}", f"bootstrap={names}", ""]
-    for s in sections:
+    for i, s in enumerate(sections):
+        # The keyring once: multistrap deletes the downloaded keyring package
+        # after the first section naming it, then fails on the next.
+        keyring = [f"keyring={KEYRING}"] if i == 0 else []
         lines += [f"[{s['name']}]", f"packages={' '.join(s['packages'])}", f"source={s['source']}",
-                  f"keyring={KEYRING}", f"suite={s['suite']}",
+                  *keyring, f"suite={s['suite']}",
                   f"components={' '.join(s['components'])}", "omitdebsrc=true", ""]
     return "\n".join(lines)
 
@@ -61,7 +65,8 @@ class Bootstrap(Stage):
         ini = out / "multistrap.ini"
         ini.write_text(multistrap_ini(unit.arch, tree, sections_for(unit.target, unit.arch)))
         with DebProxy(unit.cache.root / "debs", unit.target.apt_proxy) as proxy:
-            run(["multistrap", "-f", ini], log, env={"http_proxy": proxy.url})
+            # cwd: multistrap downloads the keyring package into it and `find`s it there.
+            run(["multistrap", "-f", ini], log, env={"http_proxy": proxy.url}, cwd=out)
         stats = {"downloaded_bytes": proxy.downloaded, "downloaded_deb_bytes": proxy.downloaded_debs,
                  "reused_deb_bytes": proxy.served_from_cache}
         (out / "stats.json").write_text(json.dumps(stats))

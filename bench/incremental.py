@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Measure the incremental build paths of one target, side by side in one run.
+
+    sudo .venv/bin/python bench/incremental.py [--target qemu-amd64] [--repeat 3]
+
+Copies the project's targets/ and rootfs/ into a scratch directory with a
+fresh cache (so the cold build downloads and builds everything), then times:
+cold build (per stage), no-op, one overlay file edited, one package added
+(with the bytes that second bootstrap downloaded), and a fresh checkout
+using the restored cache.  Prints a table and one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml as yaml_lib
+
+REPO = Path(__file__).resolve().parents[1]
+ORIGINAL_TOOL_SECONDS = 124  # bash hypersolid, same package set (issue #2)
+
+
+def make_checkout(dest: Path) -> Path:
+    dest.mkdir(parents=True)
+    for name in ("targets", "rootfs"):
+        shutil.copytree(REPO / name, dest / name, symlinks=True)
+    shutil.copy(REPO / "dodo.py", dest / "dodo.py")
+    return dest
+
+
+def doit(checkout: Path, cache: Path, task: str) -> tuple[float, dict[str, float], str]:
+    env = {**os.environ, "HYPERSOLID_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "doit", task], cwd=checkout, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seconds = time.monotonic() - start
+    if proc.returncode != 0:
+        sys.exit(f"bench: doit {task} failed:\n{proc.stdout}")
+    stages = {m[1]: float(m[2]) for m in re.finditer(r"^  (\S+)\s+([\d.]+)s", proc.stdout, re.M)}
+    return seconds, stages, proc.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default="qemu-amd64")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per incremental measurement (median)")
+    parser.add_argument("--package", default="less", help="package added for the package-added run")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = parser.parse_args()
+    task = f"squashfs:{args.target}"
+
+    scratch = Path(tempfile.mkdtemp(prefix="hypersolid-bench-"))
+    cache = scratch / "cache"
+    checkout = make_checkout(scratch / "checkout")
+    rows: dict[str, float] = {}
+    try:
+        rows["cold"], cold_stages, _ = doit(checkout, cache, task)
+        rows["noop"] = statistics.median(doit(checkout, cache, task)[0] for _ in range(args.repeat))
+
+        motd = checkout / "targets" / args.target / "rootfs/etc/motd"
+        motd.parent.mkdir(parents=True, exist_ok=True)
+        edits = []
+        for i in range(args.repeat):
+            with open(motd, "a") as f:
+                f.write(f"bench edit {i}\n")
+            edits.append(doit(checkout, cache, task)[0])
+        rows["overlay_edit"] = statistics.median(edits)
+
+        yaml = checkout / "targets" / args.target / "target.yaml"
+        data = yaml_lib.safe_load(yaml.read_text())
+        data["sections"][0].setdefault("packages", []).append(args.package)
+        yaml.write_text(yaml_lib.safe_dump(data))
+        rows["package_added"], added_stages, _ = doit(checkout, cache, task)
+        key = (checkout / "build" / args.target).glob("*/bootstrap.key")
+        stats = json.loads((cache / "bootstrap" / next(key).read_text().strip() / "stats.json").read_text())
+
+        clone = scratch / "clone"
+        shutil.copytree(checkout / "targets", clone / "targets")
+        shutil.copytree(checkout / "rootfs", clone / "rootfs")
+        shutil.copy(checkout / "dodo.py", clone / "dodo.py")
+        rows["fresh_clone_restored_cache"] = doit(clone, cache, task)[0]
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    result = {
+        "target": args.target, "seconds": {k: round(v, 2) for k, v in rows.items()},
+        "cold_stages": cold_stages, "package_added_stages": added_stages,
+        "second_bootstrap_downloaded_bytes": stats["downloaded_bytes"],
+        "second_bootstrap_downloaded_deb_bytes": stats["downloaded_deb_bytes"],
+        "second_bootstrap_reused_deb_bytes": stats["reused_deb_bytes"],
+        "cold_vs_original_tool": round(rows["cold"] / ORIGINAL_TOOL_SECONDS, 3),
+        "overlay_edit_vs_cold": round(rows["overlay_edit"] / rows["cold"], 3),
+    }
+    print(f"\nhypersolid incremental benchmark: {args.target} (median of {args.repeat} where repeated)")
+    print(f"{'measurement':<30}{'seconds':>10}")
+    for name, seconds in rows.items():
+        print(f"{name:<30}{seconds:>10.2f}")
+    print("cold build by stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in cold_stages.items()))
+    print(f"second bootstrap downloaded {stats['downloaded_deb_bytes']} bytes of packages "
+          f"({stats['downloaded_bytes']} with indexes), reused {stats['reused_deb_bytes']} from the cache")
+    print(f"cold build / original tool ({ORIGINAL_TOOL_SECONDS} s): {result['cold_vs_original_tool']}")
+    print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
