@@ -12,9 +12,8 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import http.client
 import threading
-import urllib.error
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,8 +27,7 @@ class DebProxy:
         self.downloaded_debs = 0  # of which package files
         self.served_from_cache = 0  # bytes of .deb served without downloading
         self._lock = threading.Lock()
-        proxies = {"http": upstream_proxy, "https": upstream_proxy} if upstream_proxy else {}
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxies))
+        self._local = threading.local()  # upstream connections, one set per handler thread
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -59,15 +57,36 @@ class DebProxy:
         return self.store / parts.netloc.replace(":", "_") / parts.path.lstrip("/")
 
     def _fetch(self, url: str) -> tuple[int, dict, bytes]:
-        try:
-            with self._opener.open(urllib.request.Request(url), timeout=120) as resp:
+        """GET url upstream over a kept-alive connection of this thread:
+        a new TCP (and CDN) handshake per package costs more than the
+        download of most packages."""
+        parts = urlsplit(url)
+        if parts.scheme != "http":
+            raise OSError(f"only http:// is proxied, not {parts.scheme}://")
+        host = urlsplit(self.upstream_proxy).netloc if self.upstream_proxy else parts.netloc
+        target = url if self.upstream_proxy else (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conns = self._local.__dict__.setdefault("conns", {})
+        for attempt in (1, 2):
+            conn = conns.get(host) or http.client.HTTPConnection(host, timeout=120)
+            try:
+                conn.request("GET", target, headers={"Host": parts.netloc, "User-Agent": "hypersolid-debproxy"})
+                resp = conn.getresponse()
                 body = resp.read()
-                status, headers = resp.status, resp.headers
-        except urllib.error.HTTPError as err:
-            body, status, headers = err.read(), err.code, err.headers
+            except (http.client.HTTPException, OSError):
+                conn.close()
+                conns.pop(host, None)
+                if attempt == 2:
+                    raise
+                continue
+            if resp.will_close:
+                conn.close()
+                conns.pop(host, None)
+            else:
+                conns[host] = conn
+            break
         self._count("downloaded", len(body))
-        keep = {k: headers[k] for k in ("Content-Type", "Last-Modified") if headers.get(k)}
-        return status, keep, body
+        keep = {k: resp.headers[k] for k in ("Content-Type", "Last-Modified") if resp.headers.get(k)}
+        return resp.status, keep, body
 
     def _store(self, path: Path, body: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
