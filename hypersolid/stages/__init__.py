@@ -73,6 +73,8 @@ class Stage:
     upstream: tuple[str, ...] = ()
     per_arch = True
     doc = ""
+    # Other modules whose code shapes this stage's output (part of its key).
+    helpers: tuple[str, ...] = ()
 
     def settings(self, unit: Unit) -> dict:
         """The non-file inputs (JSON-able), e.g. package lists."""
@@ -86,7 +88,8 @@ class Stage:
         raise NotImplementedError
 
     def code_version(self) -> str:
-        return digest_file(sys.modules[type(self).__module__].__file__)
+        modules = [type(self).__module__, *self.helpers]
+        return digest_json([digest_file(sys.modules[m].__file__) for m in modules])
 
     def static_inputs(self, unit: Unit) -> dict:
         """What doit's config_changed compares: settings + code version."""

@@ -93,6 +93,7 @@ def read_status(tree: Path) -> list[dict[str, str]]:
 @register
 class Configure(Stage):
     name = "configure"
+    helpers = ("hypersolid.container",)
     upstream = ("bootstrap",)
     doc = "packages configured in a container (dpkg --configure, pre-configure hooks)"
 

@@ -67,6 +67,7 @@ def squashfs_tools_version() -> str:
 @register
 class Squashfs(Stage):
     name = "squashfs"
+    helpers = ("hypersolid.accounts", "hypersolid.container")
     upstream = ("configure", "rootfs")
     doc = "system image: configured tree + overlay + users/services/hooks, packed by mksquashfs"
 
