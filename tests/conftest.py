@@ -83,7 +83,6 @@ def tiny_target(packages: str = "netbase", extra: str = "") -> str:
           - name: debian
             packages: [{packages}]
         hostname: tiny
-        image: img
         """) + textwrap.dedent(extra)
 
 

@@ -28,6 +28,7 @@ def project(tmp_path_factory, shared_cache) -> TestProject:
     needs_root_and_tools()
     p = TestProject(tmp_path_factory.mktemp("project"), shared_cache)
     p.target("tiny", tiny_target(extra="""\
+        image: both
         users:
           - name: alice
             password: "$6$salt$0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghij"
@@ -54,6 +55,9 @@ def test_cold_build_runs_every_stage_and_packs_a_real_image(project):
     assert "squashfs-root/usr/bin/dpkg" in listing
     assert "squashfs-root/.hypersolid" not in listing  # build scripts are gone
     assert not any(line.startswith("squashfs-root/boot/") for line in listing.splitlines())
+    cpio = subprocess.run(["cpio", "-t", "--quiet"], stdin=open(image.with_suffix(".cpio"), "rb"),
+                          check=True, stdout=subprocess.PIPE, text=True).stdout
+    assert cpio.split() == ["system-amd64.img"]
     assert cat_image(project, "etc/motd") == "tiny\n"
     assert cat_image(project, "etc/hypersolid-generic") == "generic layer\n"
     assert cat_image(project, "etc/hostname") == "tiny\n"

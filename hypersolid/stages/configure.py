@@ -53,7 +53,9 @@ for hook in /.hypersolid/pre-configure/*; do
     if [ "$status" -ne 0 ]; then say "hook pre-configure.d/${hook##*/} failed with status $status"; exit 97; fi
 done
 
-dpkg --configure -a
+# A failure here is reported by the status check after this script, which
+# names the packages left unconfigured.
+dpkg --configure -a || say "dpkg --configure -a exited with status $?"
 
 locale=$1
 if [ "$locale" != C.UTF-8 ] && [ "$locale" != C ] && [ "$locale" != POSIX ]; then

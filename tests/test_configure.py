@@ -1,0 +1,74 @@
+"""configure stage, for real: hooks, the chroot fallback, failure reports."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import TestProject, mounts, needs_root_and_tools, tiny_target
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, shared_cache) -> TestProject:
+    needs_root_and_tools()
+    p = TestProject(tmp_path_factory.mktemp("configure"), shared_cache)
+    p.target("tiny", tiny_target())
+    return p
+
+
+def test_pre_configure_hook_runs_in_the_container_and_only_reruns_configure_onwards(project):
+    project.doit("squashfs:tiny")
+    project.write("targets/tiny/hooks/pre-configure.d/10-stamp",
+                  "#!/bin/sh\nset -e\n[ -x /usr/sbin/policy-rc.d ]\n"
+                  "echo \"pre-configure in $(cat /etc/debian_version)\" > /etc/preconf-stamp\n", mode=0o755)
+    result = project.doit("squashfs:tiny")
+    assert "bootstrap:tiny" in result.uptodate
+    assert {"configure:tiny", "squashfs:tiny"} <= result.executed
+    stamp = (project.entry("configure", "tiny") / "tree/etc/preconf-stamp").read_text()
+    assert stamp.startswith("pre-configure in 12.")
+    assert not (project.entry("configure", "tiny") / "tree/usr/sbin/policy-rc.d").exists()
+
+
+def test_configure_falls_back_to_a_chroot_in_a_private_namespace(project):
+    project.write("targets/tiny/hooks/pre-configure.d/20-chroot", "#!/bin/sh\n# chroot variant\ntrue\n", mode=0o755)
+    before = mounts()
+    env_backup = os.environ.get("HYPERSOLID_CONTAINER")
+    os.environ["HYPERSOLID_CONTAINER"] = "chroot"
+    try:
+        result = project.doit("configure:tiny")
+    finally:
+        if env_backup is None:
+            del os.environ["HYPERSOLID_CONTAINER"]
+        else:
+            os.environ["HYPERSOLID_CONTAINER"] = env_backup
+        (project.root / "targets/tiny/hooks/pre-configure.d/20-chroot").unlink()
+    assert "configure:tiny" in result.executed
+    log = (project.root / "build/tiny/amd64/logs/configure.log").read_text()
+    assert "$ unshare --mount --propagation private --pid --fork" in log
+    assert "systemd-nspawn" not in log
+    assert mounts() == before
+
+
+def test_package_left_unconfigured_fails_naming_it(project):
+    project.write("targets/tiny/hooks/pre-configure.d/30-break-netbase",
+                  "#!/bin/sh\nprintf '#!/bin/sh\\nexit 1\\n' > /var/lib/dpkg/info/netbase.postinst\n", mode=0o755)
+    try:
+        result = project.doit("configure:tiny", check=False)
+    finally:
+        (project.root / "targets/tiny/hooks/pre-configure.d/30-break-netbase").unlink()
+    assert result.returncode != 0
+    assert "configure:tiny" in result.output
+    assert "not installed after configure: netbase (install ok half-configured)" in result.output
+    assert "build/tiny/amd64/logs/configure.log" in result.output
+
+
+def test_non_executable_hook_stops_the_build_naming_it(project):
+    project.write("targets/tiny/hooks/pre-configure.d/40-not-exec", "#!/bin/sh\ntrue\n", mode=0o644)
+    try:
+        result = project.doit("configure:tiny", check=False)
+    finally:
+        (project.root / "targets/tiny/hooks/pre-configure.d/40-not-exec").unlink()
+    assert result.returncode != 0
+    assert "targets/tiny/hooks/pre-configure.d/40-not-exec is not executable" in result.output
