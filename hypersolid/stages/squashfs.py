@@ -21,8 +21,13 @@ from . import Stage, Unit, register
 
 MIN_IMAGE_BYTES = 1 << 20
 
-# Removed before packing: build leftovers and caches that are rebuilt on the device.
+# Removed before packing: build leftovers, caches rebuilt on the device, and
+# per-machine secrets and identities (SSH host keys are generated at first
+# boot by hypersolid-ssh-keys.service; an empty machine-id makes systemd
+# generate one).
 LEFTOVERS = (
+    "etc/ssh/ssh_host_*", "var/lib/dbus/machine-id", "usr/bin/qemu-*-static",
+    "var/lib/systemd/random-seed", "var/lib/systemd/credential.secret",
     "boot/*", ".hypersolid", "tmp/*", "var/tmp/*",
     "var/cache/apt/*.bin", "var/cache/apt/archives/*.deb", "var/cache/debconf/*-old",
     "var/lib/apt/lists/*_*", "var/log/dpkg.log", "var/log/alternatives.log",
@@ -119,6 +124,7 @@ class Squashfs(Stage):
         self._hooks(unit, tree, log)
         run(["sh", "-c", 'cd "$0" && rm -rf -- ' + " ".join(LEFTOVERS), tree], log)
         (tree / "boot").mkdir(exist_ok=True)
+        (tree / "etc/machine-id").write_text("")
 
         image = out / image_name(unit.arch)
         t = unit.target

@@ -1,0 +1,69 @@
+"""Audit of a real image: what an immutable appliance image must not ship."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import REPO, TestProject, needs_root_and_tools, tiny_target
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory, shared_cache):
+    needs_root_and_tools()
+    p = TestProject(tmp_path_factory.mktemp("image"), shared_cache)
+    # The shipped generic overlay, as a real checkout has it.
+    subprocess.run(["cp", "-a", f"{REPO}/rootfs/.", str(p.root / "rootfs")], check=True)
+    p.target("sshbox", tiny_target(packages="openssh-server", extra="""\
+        services: {enable: [ssh, hypersolid-ssh-keys]}
+        """))
+    p.write("targets/sshbox/hooks/post-configure.d/10-noop", "#!/bin/sh\ntrue\n", mode=0o755)
+    p.doit("squashfs:sshbox")
+    path = p.entry("squashfs", "sshbox") / "system-amd64.img"
+    listing = subprocess.run(["unsquashfs", "-lln", str(path)], check=True,
+                             stdout=subprocess.PIPE, text=True).stdout
+    entries = {line.split(" squashfs-root", 1)[1].split(" -> ")[0]: line
+               for line in listing.splitlines() if " squashfs-root" in line}
+    return path, entries
+
+
+def cat(path, name: str) -> str:
+    return subprocess.run(["unsquashfs", "-cat", str(path), name], check=True,
+                          stdout=subprocess.PIPE, text=True).stdout
+
+
+def test_image_has_no_ssh_host_keys_but_a_first_boot_unit_that_makes_them(image):
+    path, entries = image
+    assert "/usr/sbin/sshd" in entries
+    assert not [e for e in entries if e.startswith("/etc/ssh/ssh_host_")]
+    assert "/etc/systemd/system/hypersolid-ssh-keys.service" in entries
+    assert "/etc/systemd/system/multi-user.target.wants/hypersolid-ssh-keys.service" in entries
+    assert "ssh-keygen -A" in cat(path, "etc/systemd/system/hypersolid-ssh-keys.service")
+
+
+def test_image_has_an_empty_machine_id(image):
+    path, entries = image
+    assert cat(path, "etc/machine-id") == ""
+    assert "/var/lib/dbus/machine-id" not in entries
+
+
+def test_root_is_locked_without_a_password_hash(image):
+    path, _ = image
+    root = cat(path, "etc/shadow").splitlines()[0].split(":")
+    assert root[0] == "root" and root[1] in ("*", "!", "!*")
+
+
+def test_image_has_no_build_leftovers(image):
+    path, entries = image
+    forbidden = [e for e in entries if e.startswith(("/.hypersolid", "/boot/", "/tmp/", "/var/cache/apt/archives/"))
+                 and not e.endswith(("/partial", "/lock"))]
+    forbidden += [e for e in entries if "/qemu-" in e and e.endswith("-static")]
+    forbidden += [e for e in entries if e in ("/usr/sbin/policy-rc.d", "/usr/sbin/update-initramfs.hypersolid")]
+    forbidden += [e for e in entries if "/hooks/post-configure.d" in e or "/hooks/pre-configure.d" in e]
+    assert forbidden == []
+    if "/usr/share/initramfs-tools" in entries:
+        assert "/usr/sbin/update-initramfs" in entries  # the diversion was undone
+    apt_conf = [e for e in entries if e.startswith("/etc/apt/apt.conf.d/")]
+    assert not [e for e in apt_conf if "Proxy" in cat(path, e.lstrip("/"))]
