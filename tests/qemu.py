@@ -1,0 +1,170 @@
+"""Boot a kernel in QEMU and talk to its serial console, for boot tests.
+
+Not a test module: tests import it. Typical use:
+
+    with Qemu("vmlinuz", "initrd.img", "console=ttyS0 boot=hypersolid",
+              disks=["storage.ext4"]) as vm:
+        vm.expect(r"login:", timeout=300)
+
+The VM always runs under TCG (the same on every CI host, no /dev/kvm needed) and
+is always killed when the `with` block ends, whether it ended normally, with an
+exception or with Ctrl-C, so a failing test never leaves a qemu process behind.
+"""
+
+import ctypes
+import os
+import re
+import select
+import subprocess
+import time
+from collections import deque
+
+# Per Debian architecture: the qemu command and the kernel console device.
+MACHINES = {
+    "amd64": (["qemu-system-x86_64", "-machine", "q35"], "ttyS0"),
+    "arm64": (["qemu-system-aarch64", "-machine", "virt", "-cpu", "cortex-a57"], "ttyAMA0"),
+}
+
+
+def _die_with_parent():
+    """In the child before exec: the kernel SIGKILLs qemu when the test process
+    dies, even by SIGKILL, where no Python cleanup could run."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+
+
+class QemuError(AssertionError):
+    """Timeout or early exit; the message carries the end of the console log."""
+
+
+class Qemu:
+    """One VM whose serial console is qemu's stdin/stdout (no pty, no socket:
+    nothing to clean up, and the pipe closes when qemu dies)."""
+
+    def __init__(self, kernel, initrd=None, append="", disks=(), arch="amd64",
+                 memory=1024, smp=1, extra=(), log_path=None):
+        self.kernel, self.initrd, self.append = kernel, initrd, append
+        self.disks, self.arch, self.memory, self.smp = list(disks), arch, memory, smp
+        self.extra = list(extra)
+        self.log_path = log_path
+        self.proc = None
+        self.output = ""        # the whole console output, \r removed
+        self.pos = 0            # expect() searches from here on
+        self.started = None
+
+    @property
+    def console(self):
+        """Kernel console device for this architecture, for `append`."""
+        return MACHINES[self.arch][1]
+
+    def command(self):
+        """The qemu argv; separate so a failing test can print it."""
+        cmd = list(MACHINES[self.arch][0]) + [
+            "-accel", "tcg", "-m", str(self.memory), "-smp", str(self.smp),
+            "-nodefaults", "-display", "none", "-serial", "stdio",
+            "-no-reboot",           # a reboot or a panic with panic=-1 ends qemu
+            "-kernel", str(self.kernel), "-append", self.append]
+        if self.initrd:
+            cmd += ["-initrd", str(self.initrd)]
+        for i, disk in enumerate(self.disks):
+            # virtio-blk: /dev/vda, /dev/vdb... in the order given
+            cmd += ["-drive", f"file={disk},format=raw,if=none,id=d{i}",
+                    "-device", f"virtio-blk-pci,drive=d{i}" if self.arch == "amd64"
+                    else f"virtio-blk-device,drive=d{i}"]
+        return cmd + self.extra
+
+    def start(self):
+        # Own session: a Ctrl-C in the terminal reaches pytest, not qemu, and
+        # close() decides how qemu ends.
+        self.proc = subprocess.Popen(
+            self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent)
+        self.started = time.monotonic()
+        self._log = open(self.log_path, "w") if self.log_path else None
+        return self
+
+    def elapsed(self):
+        """Seconds since qemu started, for boot-time measurements."""
+        return time.monotonic() - self.started
+
+    def _read(self, timeout):
+        """Append what the console printed within `timeout` s; False at EOF."""
+        ready, _, _ = select.select([self.proc.stdout], [], [], max(timeout, 0))
+        if not ready:
+            return True
+        data = os.read(self.proc.stdout.fileno(), 65536)
+        if not data:
+            return False
+        text = data.decode("utf-8", "replace").replace("\r", "")
+        self.output += text
+        if self._log:
+            self._log.write(text)
+            self._log.flush()
+        return True
+
+    def tail(self, lines=100):
+        return "\n".join(deque(self.output.splitlines(), maxlen=lines))
+
+    def expect(self, pattern, timeout=60):
+        """Wait until `pattern` (regex) appears after the previous match and
+        return the match. Raises QemuError with the log tail on timeout or if
+        qemu exits first, so the failure says what the VM was doing."""
+        regex = re.compile(pattern, re.MULTILINE)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.output, self.pos)
+            if match:
+                self.pos = match.end()
+                return match
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise QemuError(f"timeout after {timeout}s waiting for {pattern!r}; "
+                                f"console tail:\n{self.tail()}")
+            if not self._read(min(left, 1.0)):
+                self.proc.wait()
+                raise QemuError(f"qemu exited ({self.proc.returncode}) while waiting "
+                                f"for {pattern!r}; console tail:\n{self.tail()}")
+
+    def sendline(self, line):
+        """Type a line on the serial console (login, shell command)."""
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def wait_exit(self, timeout=60):
+        """Wait for qemu to end by itself (poweroff, or panic with -no-reboot)."""
+        deadline = time.monotonic() + timeout
+        while self._read(max(0.0, min(1.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise QemuError(f"qemu still running after {timeout}s; "
+                                f"console tail:\n{self.tail()}")
+        return self.proc.wait()
+
+    def close(self):
+        """Always end qemu: TERM, then KILL after 5 s; idempotent."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self._log):
+            if f:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        self.proc = None
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
