@@ -7,6 +7,7 @@ every .deb in the cache: a later bootstrap downloads only new packages.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from ..config import Target
@@ -47,6 +48,7 @@ def multistrap_ini(arch: str, directory: Path, sections: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@lru_cache(maxsize=None)  # once per run: task creation is on the no-op path
 def multistrap_version() -> str:
     return output(["dpkg-query", "-W", "-f=${Version}", "multistrap"]).strip() or "unknown"
 

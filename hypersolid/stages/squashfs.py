@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 from .. import accounts
@@ -65,6 +66,7 @@ def mksquashfs_args(compression: str, level: int | None) -> list[str]:
     return args
 
 
+@lru_cache(maxsize=None)  # once per run: task creation is on the no-op path
 def squashfs_tools_version() -> str:
     return output(["dpkg-query", "-W", "-f=${Version}", "squashfs-tools"]).strip() or "unknown"
 
