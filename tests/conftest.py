@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,15 @@ class TestProject:
         if mode is not None:
             path.chmod(mode)
         return path
+
+    @contextmanager
+    def temporary(self, rel: str, text: str, mode: int | None = None):
+        """A file that exists only inside the with-block (hooks that break things)."""
+        path = self.write(rel, text, mode)
+        try:
+            yield path
+        finally:
+            path.unlink()
 
     def target(self, name: str, text: str) -> Path:
         return self.write(f"targets/{name}/target.yaml", text)

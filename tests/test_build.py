@@ -157,38 +157,32 @@ def test_failing_hook_names_stage_hook_and_log_and_leaves_no_mount_or_entry(proj
     project.doit("squashfs:tiny")
     before = mounts()
     entries = set((project.cache / "squashfs").iterdir())
-    hook = project.write("targets/tiny/hooks/post-configure.d/50-fail", "#!/bin/sh\nexit 7\n", mode=0o755)
-    try:
+    with project.temporary("targets/tiny/hooks/post-configure.d/50-fail", "#!/bin/sh\nexit 7\n", mode=0o755):
         result = project.doit("squashfs:tiny", check=False)
-        assert result.returncode != 0
-        assert "squashfs:tiny" in result.output
-        assert "post-configure.d/50-fail failed with status 7" in result.output
-        assert "build/tiny/amd64/logs/squashfs.log" in result.output
-        assert "Traceback" not in result.output
-        assert mounts() == before
-        assert set((project.cache / "squashfs").iterdir()) == entries
-        assert not list((project.cache / "tmp").iterdir())
-    finally:
-        hook.unlink()
+    assert result.returncode != 0
+    assert "squashfs:tiny" in result.output
+    assert "post-configure.d/50-fail failed with status 7" in result.output
+    assert "build/tiny/amd64/logs/squashfs.log" in result.output
+    assert "Traceback" not in result.output
+    assert mounts() == before
+    assert set((project.cache / "squashfs").iterdir()) == entries
+    assert not list((project.cache / "tmp").iterdir())
 
 
 def test_killed_build_leaves_no_mount_and_no_entry(project):
     project.doit("squashfs:tiny")
     before = mounts()
     entries = set((project.cache / "squashfs").iterdir())
-    project.write("targets/tiny/hooks/post-configure.d/60-slow", "#!/bin/sh\nsleep 60\n", mode=0o755)
-    env = {**os.environ, "HYPERSOLID_CACHE": str(project.cache), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "doit", "squashfs:tiny"], cwd=project.root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with project.temporary("targets/tiny/hooks/post-configure.d/60-slow", "#!/bin/sh\nsleep 60\n", mode=0o755):
+        env = {**os.environ, "HYPERSOLID_CACHE": str(project.cache), "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen([sys.executable, "-m", "doit", "squashfs:tiny"], cwd=project.root, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         log = project.root / "build/tiny/amd64/logs/squashfs.log"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and "60-slow" not in (log.read_text() if log.exists() else ""):
             time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGKILL)  # no cleanup code gets to run
         proc.wait(timeout=30)
-    finally:
-        (project.root / "targets/tiny/hooks/post-configure.d/60-slow").unlink()
     time.sleep(1)
     assert mounts() == before
     assert set((project.cache / "squashfs").iterdir()) == entries

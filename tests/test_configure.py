@@ -52,12 +52,10 @@ def test_configure_falls_back_to_a_chroot_in_a_private_namespace(project):
 
 
 def test_package_left_unconfigured_fails_naming_it(project):
-    project.write("targets/tiny/hooks/pre-configure.d/30-break-netbase",
-                  "#!/bin/sh\nprintf '#!/bin/sh\\nexit 1\\n' > /var/lib/dpkg/info/netbase.postinst\n", mode=0o755)
-    try:
+    with project.temporary("targets/tiny/hooks/pre-configure.d/30-break-netbase",
+                           "#!/bin/sh\nprintf '#!/bin/sh\\nexit 1\\n' > /var/lib/dpkg/info/netbase.postinst\n",
+                           mode=0o755):
         result = project.doit("configure:tiny", check=False)
-    finally:
-        (project.root / "targets/tiny/hooks/pre-configure.d/30-break-netbase").unlink()
     assert result.returncode != 0
     assert "configure:tiny" in result.output
     assert "not installed after configure: netbase (install ok half-configured)" in result.output
@@ -65,10 +63,7 @@ def test_package_left_unconfigured_fails_naming_it(project):
 
 
 def test_non_executable_hook_stops_the_build_naming_it(project):
-    project.write("targets/tiny/hooks/pre-configure.d/40-not-exec", "#!/bin/sh\ntrue\n", mode=0o644)
-    try:
+    with project.temporary("targets/tiny/hooks/pre-configure.d/40-not-exec", "#!/bin/sh\ntrue\n", mode=0o644):
         result = project.doit("configure:tiny", check=False)
-    finally:
-        (project.root / "targets/tiny/hooks/pre-configure.d/40-not-exec").unlink()
     assert result.returncode != 0
     assert "targets/tiny/hooks/pre-configure.d/40-not-exec is not executable" in result.output

@@ -13,6 +13,13 @@ from . import Stage, Unit, register
 FORBIDDEN = ("etc/passwd", "etc/group", "etc/shadow", "etc/gshadow")
 
 
+def copy_overlay(src: Path, dest: Path, log: Log) -> None:
+    """Lay tree src over dest.  As root, copies are owned by root whoever owns
+    the checkout; replaced files are unlinked first, never written through."""
+    run(["cp", "-rT", "--no-dereference", "--remove-destination", "--preserve=mode,timestamps,links",
+         src, dest], log)
+
+
 def overlay_entries(unit: Unit) -> tuple[list[Path], dict[str, Path], dict[str, int], dict[str, str]]:
     """Existing layer dirs, then regular files, dir modes and symlinks by
     'layer-relative path' keys (layer dir relative to the project)."""
@@ -61,5 +68,4 @@ class Rootfs(Stage):
         tree = out / "tree"
         tree.mkdir()
         for layer in layers:
-            # As root, copies are owned by root whoever owns the checkout.
-            run(["cp", "-rT", "--no-dereference", "--preserve=mode,timestamps,links", layer, tree], log)
+            copy_overlay(layer, tree, log)

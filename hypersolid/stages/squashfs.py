@@ -19,6 +19,7 @@ from ..cache import Cache, remove_tree
 from ..config import Project
 from ..run import BuildError, Log, output, run
 from . import Stage, Unit, register
+from .rootfs import copy_overlay
 
 MIN_IMAGE_BYTES = 1 << 20
 
@@ -120,8 +121,7 @@ class Squashfs(Stage):
         if not mounted:  # no overlayfs here: fall back to a full copy
             log.note("# overlayfs unavailable, copying the configured tree instead")
             run(["cp", "-a", "--reflink=auto", f"{lower}/.", tree], log)
-        run(["cp", "-rT", "--no-dereference", "--remove-destination", "--preserve=mode,timestamps,links",
-             unit.without_arch().output("rootfs") / "tree", tree], log)
+        copy_overlay(unit.without_arch().output("rootfs") / "tree", tree, log)
         self._settings(unit, tree, log)
         self._hooks(unit, tree, log)
         run(["sh", "-c", 'cd "$0" && rm -rf -- ' + " ".join(LEFTOVERS), tree], log)
