@@ -20,6 +20,12 @@ import yaml
 ARCHITECTURES = ("amd64", "arm64", "armhf", "armel", "i386")
 COMPRESSIONS = ("zstd", "xz", "gzip", "lz4", "lzo")
 IMAGE_TYPES = ("img", "cpio", "both")
+# mkinitramfs COMPRESS= values, with the package that provides each tool in the tree.
+INITRAMFS_COMPRESSORS = {"zstd": "zstd", "gzip": "gzip", "xz": "xz-utils", "lz4": "lz4",
+                         "lzma": "xz-utils", "lzop": "lzop", "bzip2": "bzip2"}
+# MODULES= of initramfs.conf; `dep` is left out on purpose: it would pick the
+# modules for the build host's hardware.
+INITRAMFS_MODULES = ("most", "netboot", "list")
 
 
 class ConfigError(Exception):
@@ -237,6 +243,11 @@ SETTINGS = Record(
     squashfs=Field(Record(compression=Field(Choice(*COMPRESSIONS, what="compression"), "zstd"),
                           level=Field(Optional(Int(1, 22)))), {}, "record"),
     image=Field(Choice(*IMAGE_TYPES, what="image type"), "img"),
+    initramfs=Field(Record(
+        compression=Field(Choice(*INITRAMFS_COMPRESSORS, what="compression"), "zstd"),
+        modules=Field(Choice(*INITRAMFS_MODULES, what="module policy"), "most"),
+        extra_modules=Field(ListOf(Str(r"[A-Za-z0-9_\-]+", "a kernel module name")), [], "union"),
+    ), {}, "record"),
 )
 REQUIRED_TO_BUILD = ("architectures", "suite", "mirror", "sections")
 
@@ -327,6 +338,18 @@ class Target:
     compression: str
     compression_level: int | None
     image: str
+    initramfs_compression: str
+    initramfs_modules: str
+    initramfs_extra_modules: tuple[str, ...]
+
+    def packages_for(self, arch: str) -> tuple[str, ...]:
+        return tuple(p for s in self.sections for p in s.packages_for(arch))
+
+    def has_kernel(self, arch: str) -> bool:
+        """Whether the package lists name a kernel: only then is there an
+        initramfs to build and a machine to boot."""
+        return any(p.split("=")[0].split(":")[0].startswith("linux-image-")
+                   for p in self.packages_for(arch))
 
     def hook_files(self, kind: str) -> list[Path]:
         """Hooks of one kind (e.g. 'pre-configure') from every layer, in run order.
@@ -455,6 +478,9 @@ def _load_target(targets_dir: Path, name: str) -> Target:
         compression=v["squashfs"]["compression"],
         compression_level=v["squashfs"]["level"],
         image=v["image"],
+        initramfs_compression=v["initramfs"]["compression"],
+        initramfs_modules=v["initramfs"]["modules"],
+        initramfs_extra_modules=tuple(v["initramfs"]["extra_modules"]),
     )
 
 

@@ -101,3 +101,13 @@ def output(argv: Sequence[str], log: Log | None = None) -> str:
         return run(argv, log, capture=True).stdout.decode()
     return subprocess.run([os.fspath(a) for a in argv], env=BASE_ENV, check=True,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout.decode()
+
+
+def attached(argv: Sequence[str], log: Log) -> int:
+    """Run argv on the caller's terminal (an interactive VM or shell); the
+    command and its status still go to the log."""
+    argv = [os.fspath(a) for a in argv]
+    log.note(f"$ {shlex.join(argv)}")
+    status = subprocess.run(argv).returncode
+    log.note(f"# exit {status}")
+    return status

@@ -15,10 +15,11 @@ from .cache import Cache
 from .checker import XxhashChecker
 from .config import ConfigError, Project, Target
 from .report import TimingReporter
-from .run import BuildError
+from .boot import STORAGE_LABEL, machine, storage_disk
+from .run import BuildError, Log, attached
 from .stages import STAGES, Unit, default_cache_dir, execute
 
-ORDER = ("rootfs", "bootstrap", "configure", "squashfs")
+ORDER = ("rootfs", "bootstrap", "configure", "squashfs", "initramfs", "bootfiles")
 DEP_FILE = "build/doit.sqlite3"
 
 
@@ -55,7 +56,8 @@ def units(stage_name: str) -> list[Unit]:
     out = []
     for target in _buildable():
         arches = target.architectures if STAGES[stage_name].per_arch else (None,)
-        out += [Unit(project, target, arch, cache) for arch in arches]
+        out += [u for u in (Unit(project, target, arch, cache) for arch in arches)
+                if STAGES[stage_name].applies(u)]
     return out
 
 
@@ -78,8 +80,8 @@ def _tasks(stage_name: str):
             "doc": f"{stage.doc} [{unit.target.name}{'/' + unit.arch if unit.arch else ''}]",
             "actions": [(run_stage, [stage_name, unit])],
             "file_dep": sorted(rel(p) for p in stage.input_files(unit).values())
-                        + [rel(unit.key_file(s)) for s in stage.upstream],
-            "targets": [rel(unit.key_file(stage_name))],
+                        + [rel(unit.key_file(s)) for s in stage.upstream_of(unit)],
+            "targets": [rel(unit.key_file(stage_name))] + [rel(p) for p in stage.outputs(unit)],
             "uptodate": [config_changed(stage.static_inputs(unit))],
             "clean": True,
             "verbosity": 1,
@@ -102,6 +104,53 @@ def task_squashfs():
     yield from _tasks("squashfs")
 
 
+def task_initramfs():
+    yield from _tasks("initramfs")
+
+
+def task_bootfiles():
+    yield from _tasks("bootfiles")
+
+
+def boot_vm(unit: Unit, storage: str = ""):
+    """The boot task's action: the target's dist/ files in qemu, on this terminal."""
+    log = Log(unit.log_path("boot"), f"boot:{unit.target.name}/{unit.arch}")
+    disk = Path(storage) if storage else None
+    try:
+        if disk is not None and not disk.exists():
+            storage_disk(disk, log)
+            print(f"hypersolid: created {disk} (empty ext4, label {STORAGE_LABEL}) as persistent storage")
+        vm = machine(unit.dist_dir, unit.arch, unit.build_dir / "boot", log, storage=disk)
+    except (BuildError, FileNotFoundError) as err:
+        return TaskFailed(str(err))
+    vm.extra += ["-nic", "user,model=virtio-net-pci"]
+    layout = "root= disk" if "root=" in vm.append else "3-file"
+    print(f"hypersolid: booting {os.path.relpath(unit.dist_dir)} ({layout}, TCG); Ctrl-A X quits.\n"
+          f"  kernel command line: {vm.append}", flush=True)
+    status = attached(vm.command(interactive=True), log)
+    if status != 0:
+        return TaskFailed(f"qemu exited with status {status} (log: {log.path})")
+    return None
+
+
+def task_boot():
+    """Not a default task: `doit boot:<target> [--storage disk.ext4]`."""
+    yield {"name": None, "doc": "boot dist/<target>/ in qemu-system (TCG, serial console)"}
+    for unit in units("initramfs"):
+        name = subtask_name(unit.target, unit.arch)
+        yield {
+            "name": name,
+            "doc": f"boot {unit.target.name}/{unit.arch} in qemu; --storage FILE adds a "
+                   "persistent-storage disk (created if missing)",
+            "actions": [(boot_vm, [unit])],
+            "task_dep": [f"bootfiles:{name}"],
+            "params": [{"name": "storage", "long": "storage", "short": "s", "default": "",
+                        "help": "ext4 disk image used as pstorage= (created empty if missing)"}],
+            "uptodate": [False],
+            "verbosity": 2,
+        }
+
+
 def doit_config(default_target: str) -> dict:
     Path("build").mkdir(exist_ok=True)  # doit needs the database's directory
     return {
@@ -109,6 +158,6 @@ def doit_config(default_target: str) -> dict:
         "backend": "sqlite3",
         "check_file_uptodate": XxhashChecker,
         "reporter": TimingReporter,
-        "default_tasks": [f"squashfs:{default_target}"],
+        "default_tasks": [f"bootfiles:{default_target}"],
         "subtasks": True,  # `doit list` shows one line per target
     }

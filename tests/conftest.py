@@ -111,5 +111,23 @@ def shared_cache(tmp_path_factory) -> Path:
     return Path(os.environ.get("HYPERSOLID_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
 
 
+def checkout_copy(dest: Path) -> Path:
+    """A copy of this checkout's targets, overlay and package: tests may edit
+    it (e.g. the boot script) without touching the repository."""
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for d in ("targets", "rootfs", "hypersolid"):
+        shutil.copytree(REPO / d, dest / d, symlinks=True, ignore=skip, dirs_exist_ok=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def default_project(tmp_path_factory, shared_cache) -> TestProject:
+    """The shipped default target (qemu-amd64), built up to dist/."""
+    needs_root_and_tools()
+    p = TestProject(checkout_copy(tmp_path_factory.mktemp("checkout")), shared_cache)
+    p.doit("bootfiles:qemu-amd64")
+    return p
+
+
 def mounts() -> list[str]:
     return Path("/proc/mounts").read_text().splitlines()

@@ -17,7 +17,7 @@ def image(tmp_path_factory, shared_cache):
     # The shipped generic overlay, as a real checkout has it.
     subprocess.run(["cp", "-a", f"{REPO}/rootfs/.", str(p.root / "rootfs")], check=True)
     p.target("sshbox", tiny_target(packages="openssh-server", extra="""\
-        services: {enable: [ssh, hypersolid-ssh-keys]}
+        services: {enable: [ssh, hypersolid-firstboot]}
         """))
     p.write("targets/sshbox/hooks/post-configure.d/10-noop", "#!/bin/sh\ntrue\n", mode=0o755)
     p.doit("squashfs:sshbox")
@@ -38,9 +38,9 @@ def test_image_has_no_ssh_host_keys_but_a_first_boot_unit_that_makes_them(image)
     path, entries = image
     assert "/usr/sbin/sshd" in entries
     assert not [e for e in entries if e.startswith("/etc/ssh/ssh_host_")]
-    assert "/etc/systemd/system/hypersolid-ssh-keys.service" in entries
-    assert "/etc/systemd/system/multi-user.target.wants/hypersolid-ssh-keys.service" in entries
-    assert "ssh-keygen -A" in cat(path, "etc/systemd/system/hypersolid-ssh-keys.service")
+    assert "/etc/systemd/system/hypersolid-firstboot.service" in entries
+    assert "/etc/systemd/system/multi-user.target.wants/hypersolid-firstboot.service" in entries
+    assert "ssh-keygen -A" in cat(path, "usr/lib/hypersolid/firstboot")
 
 
 def test_image_has_an_empty_machine_id(image):

@@ -39,6 +39,11 @@ class Unit:
         d = self.project.root / "build" / self.target.name
         return d / self.arch if self.arch else d
 
+    @property
+    def dist_dir(self) -> Path:
+        """Where a target's deliverables go; shared by its architectures."""
+        return self.project.root / "dist" / self.target.name
+
     def key_file(self, stage: str) -> Path:
         owner = self if STAGES[stage].per_arch or self.arch is None else self.without_arch()
         return owner.build_dir / f"{stage}.key"
@@ -75,6 +80,19 @@ class Stage:
     doc = ""
     # Other modules whose code shapes this stage's output (part of its key).
     helpers: tuple[str, ...] = ()
+    # False: the stage writes its own outputs (dist/), nothing goes to the cache.
+    cached = True
+
+    def applies(self, unit: Unit) -> bool:
+        """Whether this unit has this stage at all (no kernel: no initramfs)."""
+        return True
+
+    def upstream_of(self, unit: Unit) -> tuple[str, ...]:
+        return self.upstream
+
+    def outputs(self, unit: Unit) -> list[Path]:
+        """Files an uncached stage writes (doit targets: deleting one re-runs it)."""
+        return []
 
     def settings(self, unit: Unit) -> dict:
         """The non-file inputs (JSON-able), e.g. package lists."""
@@ -100,7 +118,7 @@ class Stage:
             "stage": self.name,
             **self.static_inputs(unit),
             "files": {name: _file_identity(path) for name, path in sorted(self.input_files(unit).items())},
-            "upstream": {s: unit.key(s) for s in self.upstream},
+            "upstream": {s: unit.key(s) for s in self.upstream_of(unit)},
         }
 
 
@@ -119,9 +137,13 @@ def execute(stage_name: str, unit: Unit) -> dict:
     key = digest_json(manifest)
     log.note(f"# key {key}")
     key_file = unit.key_file(stage_name)
-    hit = unit.cache.lookup(stage_name, key)
+    hit = unit.cache.lookup(stage_name, key) if stage.cached else None
     start = time.monotonic()
-    if hit is None:
+    if not stage.cached:
+        _log_why(log, key_file.with_suffix(".manifest.json"), manifest)
+        stage.build(unit, None, log)  # writes its outputs itself, each atomically
+        log.note(f"# built in {time.monotonic() - start:.1f}s")
+    elif hit is None:
         _log_why(log, key_file.with_suffix(".manifest.json"), manifest)
         with unit.cache.publish(stage_name, key, manifest) as out:
             stage.build(unit, out, log)
@@ -160,7 +182,7 @@ def register(stage_cls: type[Stage]) -> type[Stage]:
 
 
 def _load_all() -> None:
-    from . import bootstrap, configure, rootfs, squashfs  # noqa: F401  (register themselves)
+    from . import bootfiles, bootstrap, configure, initramfs, rootfs, squashfs  # noqa: F401  (register themselves)
 
 
 _load_all()

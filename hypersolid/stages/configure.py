@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ..container import install_script, run_in
+from ..dpkg import read_status, write_package_manifest
 from ..run import Log, run
 from . import Stage, Unit, register
 
@@ -76,26 +77,10 @@ fi
 """
 
 
-def read_status(tree: Path) -> list[dict[str, str]]:
-    """Package records of the tree's dpkg status file."""
-    records, current = [], {}
-    for line in (tree / "var/lib/dpkg/status").read_text(errors="replace").splitlines():
-        if not line.strip():
-            if current:
-                records.append(current)
-            current = {}
-        elif not line[0].isspace() and ":" in line:
-            k, v = line.split(":", 1)
-            current[k] = v.strip()
-    if current:
-        records.append(current)
-    return records
-
-
 @register
 class Configure(Stage):
     name = "configure"
-    helpers = ("hypersolid.container",)
+    helpers = ("hypersolid.container", "hypersolid.dpkg")
     upstream = ("bootstrap",)
     doc = "packages configured in a container (dpkg --configure, pre-configure hooks)"
 
@@ -121,6 +106,4 @@ class Configure(Stage):
         if broken:
             raise log.fail(f"{len(broken)} package(s) not installed after configure: {', '.join(broken)}")
         run(["rm", "-rf", tree / ".hypersolid"], log)
-        packages = sorted((r["Package"], r.get("Version", ""), r.get("Architecture", ""))
-                          for r in read_status(tree))
-        (out / "packages.tsv").write_text("".join("\t".join(p) + "\n" for p in packages))
+        write_package_manifest(tree, out / "packages.tsv")

@@ -7,17 +7,15 @@ copied, not modified.
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 from functools import lru_cache
 from pathlib import Path
 
 from .. import accounts
 from ..container import run_in
-from ..cache import Cache, remove_tree
-from ..config import Project
-from ..run import BuildError, Log, output, run
+from ..dpkg import write_package_manifest
+from ..isolate import build_isolated, release_view, writable_view
+from ..run import Log, output, run
 from . import Stage, Unit, register
 from .rootfs import copy_overlay
 
@@ -25,7 +23,7 @@ MIN_IMAGE_BYTES = 1 << 20
 
 # Removed before packing: build leftovers, caches rebuilt on the device, and
 # per-machine secrets and identities (SSH host keys are generated at first
-# boot by hypersolid-ssh-keys.service; an empty machine-id makes systemd
+# boot by hypersolid-firstboot.service; an empty machine-id makes systemd
 # generate one).
 LEFTOVERS = (
     "etc/ssh/ssh_host_*", "var/lib/dbus/machine-id", "usr/bin/qemu-*-static",
@@ -75,7 +73,8 @@ def squashfs_tools_version() -> str:
 @register
 class Squashfs(Stage):
     name = "squashfs"
-    helpers = ("hypersolid.accounts", "hypersolid.container")
+    helpers = ("hypersolid.accounts", "hypersolid.container", "hypersolid.dpkg",
+               "hypersolid.isolate")
     upstream = ("configure", "rootfs")
     doc = "system image: configured tree + overlay + users/services/hooks, packed by mksquashfs"
 
@@ -94,36 +93,16 @@ class Squashfs(Stage):
         return {f"post-configure.d/{h.name}": h for h in unit.target.hook_files("post-configure")}
 
     def build(self, unit: Unit, out: Path, log: Log) -> None:
-        # Assembled by a child in a private mount namespace: its overlay
-        # mount vanishes with it however it ends (error, Ctrl-C, SIGKILL).
-        args = {"root": str(unit.project.root), "target": unit.target.name, "arch": unit.arch,
-                "cache": str(unit.cache.root), "out": str(out)}
-        error = out / ".error"
-        try:
-            run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
-                 "from hypersolid.stages.squashfs import main; main()", json.dumps(args)],
-                log, env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
-        except BuildError:
-            if error.exists():
-                raise BuildError(log.stage, error.read_text(), None, log.path) from None
-            raise
+        build_isolated(self.name, unit, out, log)
 
     def assemble(self, unit: Unit, out: Path, log: Log) -> None:
-        """Runs inside the private mount namespace (see build)."""
+        """Runs in build_isolated's private mount namespace."""
         work = out / ".work"
-        tree = work / "merged"
-        for d in ("upper", "work", "merged"):
-            (work / d).mkdir(parents=True)
-        lower = unit.output("configure") / "tree"
-        mounted = run(["mount", "-t", "overlay", "overlay", "-o",
-                       f"lowerdir={lower},upperdir={work / 'upper'},workdir={work / 'work'}", tree],
-                      log, check=False).returncode == 0
-        if not mounted:  # no overlayfs here: fall back to a full copy
-            log.note("# overlayfs unavailable, copying the configured tree instead")
-            run(["cp", "-a", "--reflink=auto", f"{lower}/.", tree], log)
+        tree = writable_view(unit.output("configure") / "tree", work, log)
         copy_overlay(unit.without_arch().output("rootfs") / "tree", tree, log)
         self._settings(unit, tree, log)
         self._hooks(unit, tree, log)
+        write_package_manifest(tree, out / "packages.tsv")
         run(["sh", "-c", 'cd "$0" && rm -rf -- ' + " ".join(LEFTOVERS), tree], log)
         (tree / "boot").mkdir(exist_ok=True)
         (tree / "etc/machine-id").write_text("")
@@ -141,9 +120,7 @@ class Squashfs(Stage):
                  out, cpio], log)
             if t.image == "cpio":
                 image.unlink()
-        if mounted:
-            run(["umount", tree], log)
-        remove_tree(work)
+        release_view(work, log)
 
     def _settings(self, unit: Unit, tree: Path, log: Log) -> None:
         t = unit.target
@@ -184,16 +161,3 @@ class Squashfs(Stage):
         runner.chmod(0o755)
         run_in(tree, ["/.hypersolid/run-post-configure"], log)
 
-
-def main() -> None:
-    """Child entry point of Squashfs.build (argument: JSON)."""
-    args = json.loads(sys.argv[1])
-    project = Project(args["root"])
-    unit = Unit(project, project.load(args["target"]), args["arch"], Cache(args["cache"]))
-    log = Log(unit.log_path("squashfs"), f"squashfs:{unit.target.name}/{unit.arch}", append=True)
-    out = Path(args["out"])
-    try:
-        Squashfs().assemble(unit, out, log)
-    except BuildError as err:
-        (out / ".error").write_text(err.message)
-        sys.exit(3)

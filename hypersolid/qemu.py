@@ -1,6 +1,6 @@
-"""Boot a kernel in QEMU and talk to its serial console, for boot tests.
+"""Boot a kernel in QEMU and talk to its serial console (boot task and tests).
 
-Not a test module: tests import it. Typical use:
+Typical use:
 
     with Qemu("vmlinuz", "initrd.img", "console=ttyS0 boot=hypersolid",
               disks=["storage.ext4"]) as vm:
@@ -56,13 +56,15 @@ class Qemu:
         """Kernel console device for this architecture, for `append`."""
         return MACHINES[self.arch][1]
 
-    def command(self):
-        """The qemu argv; separate so a failing test can print it."""
+    def command(self, interactive=False):
+        """The qemu argv.  Interactive: the console is the terminal, and
+        qemu's monitor is multiplexed on it (Ctrl-A X quits)."""
         cmd = list(MACHINES[self.arch][0]) + [
             "-accel", "tcg", "-m", str(self.memory), "-smp", str(self.smp),
-            "-nodefaults", "-display", "none", "-serial", "stdio",
-            "-no-reboot",           # a reboot or a panic with panic=-1 ends qemu
+            "-nodefaults", "-display", "none", "-serial", "mon:stdio" if interactive else "stdio",
             "-kernel", str(self.kernel), "-append", self.append]
+        if not interactive:
+            cmd += ["-no-reboot"]   # a reboot, or a panic with panic=-1, ends qemu
         if self.initrd:
             cmd += ["-initrd", str(self.initrd)]
         for i, disk in enumerate(self.disks):
@@ -105,16 +107,17 @@ class Qemu:
     def tail(self, lines=100):
         return "\n".join(deque(self.output.splitlines(), maxlen=lines))
 
-    def expect(self, pattern, timeout=60):
-        """Wait until `pattern` (regex) appears after the previous match and
-        return the match. Raises QemuError with the log tail on timeout or if
-        qemu exits first, so the failure says what the VM was doing."""
+    def expect(self, pattern, timeout=60, anywhere=False):
+        """Wait until `pattern` (regex) appears after the previous match (or
+        anywhere in the output) and return the match. Raises QemuError with
+        the log tail on timeout or if qemu exits first, so the failure says
+        what the VM was doing."""
         regex = re.compile(pattern, re.MULTILINE)
         deadline = time.monotonic() + timeout
         while True:
-            match = regex.search(self.output, self.pos)
+            match = regex.search(self.output, 0 if anywhere else self.pos)
             if match:
-                self.pos = match.end()
+                self.pos = max(self.pos, match.end())
                 return match
             left = deadline - time.monotonic()
             if left <= 0:

@@ -1,0 +1,27 @@
+"""Reading a tree's dpkg database (no dpkg needed: works for any architecture)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def read_status(tree: Path) -> list[dict[str, str]]:
+    """Package records of the tree's dpkg status file."""
+    records, current = [], {}
+    for line in (tree / "var/lib/dpkg/status").read_text(errors="replace").splitlines():
+        if not line.strip():
+            if current:
+                records.append(current)
+            current = {}
+        elif not line[0].isspace() and ":" in line:
+            k, v = line.split(":", 1)
+            current[k] = v.strip()
+    if current:
+        records.append(current)
+    return records
+
+
+def write_package_manifest(tree: Path, dest: Path) -> None:
+    """name, version, architecture of every installed package, tab-separated."""
+    packages = sorted((r["Package"], r.get("Version", ""), r.get("Architecture", ""))
+                      for r in read_status(tree) if r.get("Status") == "install ok installed")
+    dest.write_text("".join("\t".join(p) + "\n" for p in packages))

@@ -1,0 +1,89 @@
+"""bootfiles: the deliverables of a target in dist/<target>/.
+
+    kernel-<arch>.img  initramfs-<arch>.img       (targets with a kernel)
+    system-<arch>.img  and/or system-<arch>.cpio  (target.yaml `image:`)
+    packages-<arch>.tsv                           (name, version, architecture)
+    build-<arch>.json                             (target, build id, keys)
+
+Not cached: these are copies of cache entries, which already hold them once.
+doit re-runs this stage when an upstream key changed or a dist file is
+missing; each file is copied to a temporary name and renamed, so dist/ never
+holds a half-written file.  Copies, not hard links: a hook that signs or
+edits a file in dist/ must not reach into the cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..cache import digest_file, digest_json
+from ..run import Log, run
+from . import Stage, Unit, register
+
+
+def _upstream(unit: Unit) -> tuple[str, ...]:
+    kernel = ("initramfs",) if unit.target.has_kernel(unit.arch) else ()
+    return ("bootstrap", "configure", "squashfs", *kernel)
+
+
+def build_id(unit: Unit) -> str:
+    """Derived from what was built, so an unchanged build keeps its id."""
+    return digest_json([unit.key(s) for s in _upstream(unit) if s in ("squashfs", "initramfs")])[:16]
+
+
+@register
+class Bootfiles(Stage):
+    name = "bootfiles"
+    cached = False
+    doc = "dist/<target>/: kernel, initramfs, system image, package manifest, build info"
+
+    def upstream_of(self, unit: Unit) -> tuple[str, ...]:
+        return _upstream(unit)
+
+    def settings(self, unit: Unit) -> dict:
+        return {"arch": unit.arch, "files": {k: list(v) for k, v in self.files(unit).items()}}
+
+    def files(self, unit: Unit) -> dict[str, tuple[str, str]]:
+        """dist name -> (stage, file in that stage's cache entry)."""
+        a, image = unit.arch, unit.target.image
+        files = {}
+        if unit.target.has_kernel(a):
+            files[f"kernel-{a}.img"] = ("initramfs", "kernel.img")
+            files[f"initramfs-{a}.img"] = ("initramfs", "initramfs.img")
+        for ext, wanted in (("img", ("img", "both")), ("cpio", ("cpio", "both"))):
+            if image in wanted:
+                files[f"system-{a}.{ext}"] = ("squashfs", f"system-{a}.{ext}")
+        files[f"packages-{a}.tsv"] = ("squashfs", "packages.tsv")
+        return files
+
+    def outputs(self, unit: Unit) -> list[Path]:
+        return [unit.dist_dir / n for n in [*self.files(unit), f"build-{unit.arch}.json"]]
+
+    def build(self, unit: Unit, out: None, log: Log) -> None:
+        dist = unit.dist_dir
+        dist.mkdir(parents=True, exist_ok=True)
+        files = self.files(unit)
+        for name, (stage, src) in files.items():
+            tmp = dist / f".{name}.tmp-{os.getpid()}"
+            run(["cp", "--reflink=auto", unit.output(stage) / src, tmp], log)
+            os.replace(tmp, dist / name)
+        a = unit.arch
+        for stale in (f"kernel-{a}.img", f"initramfs-{a}.img", f"system-{a}.img", f"system-{a}.cpio"):
+            if stale not in files and (dist / stale).exists():
+                log.note(f"# removing {stale}: this build no longer produces it")
+                (dist / stale).unlink()
+        info = {
+            "target": unit.target.name, "arch": a, "build_id": build_id(unit),
+            "package_set": unit.key("bootstrap"), "configured": unit.key("configure"),
+            "image": unit.key("squashfs"),
+            "files": {n: {"size": (dist / n).stat().st_size, "xxh3_128": digest_file(dist / n)}
+                      for n in sorted(files)},
+        }
+        if unit.target.has_kernel(a):
+            info["initramfs"] = unit.key("initramfs")
+            info["kernel_version"] = json.loads(
+                (unit.output("initramfs") / "kernel.json").read_text())["version"]
+        tmp = dist / f".build-{a}.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, dist / f"build-{a}.json")
