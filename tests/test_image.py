@@ -10,9 +10,21 @@ from conftest import REPO, TestProject, needs_root_and_tools, tiny_target
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def image(tmp_path_factory, shared_cache):
+def listing(path):
+    out = subprocess.run(["unsquashfs", "-lln", str(path)], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return {line.split(" squashfs-root", 1)[1].split(" -> ")[0]: line
+            for line in out.splitlines() if " squashfs-root" in line}
+
+
+@pytest.fixture(scope="module", params=["sshbox", "default"])
+def image(request, tmp_path_factory, shared_cache):
+    """A small target with ssh and a hook, and the shipped default target as
+    delivered in dist/."""
     needs_root_and_tools()
+    if request.param == "default":
+        path = request.getfixturevalue("default_project").root / "dist/qemu-amd64/system-amd64.img"
+        return path, listing(path)
     p = TestProject(tmp_path_factory.mktemp("image"), shared_cache)
     # The shipped generic overlay, as a real checkout has it.
     subprocess.run(["cp", "-a", f"{REPO}/rootfs/.", str(p.root / "rootfs")], check=True)
@@ -22,11 +34,7 @@ def image(tmp_path_factory, shared_cache):
     p.write("targets/sshbox/hooks/post-configure.d/10-noop", "#!/bin/sh\ntrue\n", mode=0o755)
     p.doit("squashfs:sshbox")
     path = p.entry("squashfs", "sshbox") / "system-amd64.img"
-    listing = subprocess.run(["unsquashfs", "-lln", str(path)], check=True,
-                             stdout=subprocess.PIPE, text=True).stdout
-    entries = {line.split(" squashfs-root", 1)[1].split(" -> ")[0]: line
-               for line in listing.splitlines() if " squashfs-root" in line}
-    return path, entries
+    return path, listing(path)
 
 
 def cat(path, name: str) -> str:
@@ -67,3 +75,9 @@ def test_image_has_no_build_leftovers(image):
         assert "/usr/sbin/update-initramfs" in entries  # the diversion was undone
     apt_conf = [e for e in entries if e.startswith("/etc/apt/apt.conf.d/")]
     assert not [e for e in apt_conf if "Proxy" in cat(path, e.lstrip("/"))]
+
+
+def test_image_ships_the_pstorage_command(image):
+    path, entries = image
+    assert entries["/usr/sbin/pstorage"].startswith("-rwxr-xr-x 0/0")
+    assert "persist" in cat(path, "usr/sbin/pstorage")
