@@ -9,14 +9,18 @@ the console; the image itself is not changed.
 """
 from __future__ import annotations
 
+import os
 import re
+import select
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import TestProject, mounts
+from conftest import REPO, TestProject, mounts
 from hypersolid.boot import machine, storage_disk
 from hypersolid.qemu import Qemu
 from hypersolid.run import Log
@@ -204,3 +208,32 @@ def test_boot_script_edit_rebuilds_only_initramfs_and_bootfiles(built):
     result = built.doit("bootfiles:qemu-amd64")  # back: a cache hit, dist restored
     assert "configure:qemu-amd64" not in result.executed
     assert initramfs.read_bytes() == before
+
+
+def test_boot_task_gives_a_console_and_quits_on_ctrl_a_x(built, tmp_path):
+    """`doit boot:<target>` as a user runs it, typed at through a pipe."""
+    env = {**os.environ, "HYPERSOLID_CACHE": str(built.cache),
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    disk = tmp_path / "storage.ext4"
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "boot:qemu-amd64", "--storage", str(disk)],
+                            cwd=built.root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    seen, deadline = b"", time.monotonic() + 600
+    try:
+        while b"qemu-amd64 login: " not in seen:
+            assert time.monotonic() < deadline, seen[-3000:].decode(errors="replace")
+            if select.select([proc.stdout], [], [], 1)[0]:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                assert chunk, f"exited early:\n{seen[-3000:].decode(errors='replace')}"
+                seen += chunk
+        proc.stdin.write(b"\x01x")  # qemu's monitor escape: quit
+        proc.stdin.flush()
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    text = (seen + rest).decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    assert "pstorage=/dev/vda" in text and "+ storage /dev/vda" in text
+    assert disk.exists()  # created for the user
