@@ -68,23 +68,19 @@ def main() -> None:
         rows["cold"], cold_stages, _ = doit(checkout, cache, task)
         rows["noop"] = statistics.median(doit(checkout, cache, task)[0] for _ in range(args.repeat))
 
-        motd = checkout / "targets" / args.target / "rootfs/etc/motd"
-        motd.parent.mkdir(parents=True, exist_ok=True)
-        edits = []
-        for i in range(args.repeat):
-            with open(motd, "a") as f:
-                f.write(f"bench edit {i}\n")
-            edits.append(doit(checkout, cache, task)[0])
-        rows["overlay_edit"] = statistics.median(edits)
-
-        script = checkout / "hypersolid/initramfs/hypersolid"
-        if script.exists() and any((checkout / "build" / args.target).glob("*/initramfs.key")):
-            edits = []
+        def edited(path: Path, line: str) -> float:
+            """Median time of a build after appending a line to path, repeated."""
+            path.parent.mkdir(parents=True, exist_ok=True)
+            times = []
             for i in range(args.repeat):
-                with open(script, "a") as f:
-                    f.write(f"# bench edit {i}\n")
-                edits.append(doit(checkout, cache, task)[0])
-            rows["boot_script_edit"] = statistics.median(edits)
+                with open(path, "a") as f:
+                    f.write(f"{line} {i}\n")
+                times.append(doit(checkout, cache, task)[0])
+            return statistics.median(times)
+
+        rows["overlay_edit"] = edited(checkout / "targets" / args.target / "rootfs/etc/motd", "bench edit")
+        if any((checkout / "build" / args.target).glob("*/initramfs.key")):
+            rows["boot_script_edit"] = edited(checkout / "hypersolid/initramfs/hypersolid", "# bench edit")
 
         yaml = checkout / "targets" / args.target / "target.yaml"
         data = yaml_lib.safe_load(yaml.read_text())

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from hypersolid.config import clear_caches
+
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = os.environ.get("HYPERSOLID_TEST_MIRROR", "http://deb.debian.org/debian")
 
@@ -103,6 +105,14 @@ def needs_root_and_tools() -> None:
                if shutil.which(t) is None]
     if missing:
         pytest.fail(f"host tools missing: {', '.join(missing)} (run ./setup.sh --no-build)")
+
+
+@pytest.fixture(autouse=True)
+def fresh_target_caches():
+    """Parsed targets are memoised per process; tests write and edit targets."""
+    clear_caches()
+    yield
+    clear_caches()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pytest
 
 from hypersolid.boot import concatenate_initrds
 from hypersolid.cache import Cache
-from hypersolid.config import ConfigError, Project, clear_caches
+from hypersolid.config import ConfigError, Project
 from hypersolid.stages import STAGES, Unit
 from hypersolid.stages.initramfs import initramfs_conf, kernel_version
 
@@ -22,13 +22,6 @@ COMMON = """\
     suite: bookworm
     mirror: http://deb.debian.org/debian
     """
-
-
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    clear_caches()
-    yield
-    clear_caches()
 
 
 @pytest.fixture

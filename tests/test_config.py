@@ -13,13 +13,6 @@ from hypersolid.tasks import subtask_name
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    clear_caches()
-    yield
-    clear_caches()
-
-
 @pytest.fixture
 def root(tmp_path, monkeypatch) -> Path:
     """A project directory; the cwd is a sibling so paths display absolute."""

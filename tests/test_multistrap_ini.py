@@ -32,13 +32,6 @@ TARGET = """\
     """
 
 
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    clear_caches()
-    yield
-    clear_caches()
-
-
 def load(tmp_path: Path, text: str, name: str = "t"):
     path = tmp_path / "targets" / name / "target.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
