@@ -22,7 +22,7 @@ import pytest
 
 from conftest import REPO, TestProject, mounts
 from hypersolid.boot import machine, storage_disk
-from hypersolid.qemu import Qemu
+from hypersolid.qemu import Qemu, QemuError
 from hypersolid.run import Log
 
 pytestmark = [pytest.mark.integration, pytest.mark.boot]
@@ -183,7 +183,7 @@ def test_boot_from_image_file_on_root_partition(built, tmp_path):
     assert facts["mnt_rootfs"].startswith("squashfs /dev/loop")
 
 
-def test_missing_image_drops_to_a_rescue_shell_saying_why(built, tmp_path):
+def test_missing_image_drops_to_a_rescue_shell_saying_why_and_hangs_fail_in_bounded_time(built, tmp_path):
     dist = built.root / "dist/qemu-amd64"
     with Qemu(dist / "kernel-amd64.img", dist / "initramfs-amd64.img",
               "console=ttyS0 boot=hypersolid", log_path=tmp_path / "rescue.log") as vm:
@@ -191,6 +191,13 @@ def test_missing_image_drops_to_a_rescue_shell_saying_why(built, tmp_path):
         vm.expect(r"\(initramfs\) ", 60)
         vm.sendline("echo RESCUE-$((6*7))")
         vm.expect(r"RESCUE-42", 30)
+        # A boot that never gets where a test waits fails in bounded time,
+        # with the console attached, and the VM is gone afterwards.
+        with pytest.raises(QemuError) as hung:
+            vm.expect(r"this never appears", timeout=3)
+        pid = vm.proc.pid
+    assert "console tail:" in str(hung.value) and "RESCUE-42" in str(hung.value)
+    assert not Path(f"/proc/{pid}").exists()
 
 
 def test_boot_script_edit_rebuilds_only_initramfs_and_bootfiles(built):
