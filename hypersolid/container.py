@@ -12,10 +12,18 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .run import Log, run
+from .run import Log, output, run
+
+BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+# Debian architecture -> qemu-user name (binfmt handler qemu-<name>).
+QEMU_USER = {"arm64": "aarch64", "armhf": "arm", "armel": "arm", "i386": "i386", "amd64": "x86_64"}
+# Host architectures that run another one's binaries natively (not every
+# arm64 CPU runs 32-bit ARM code, so armhf/armel on arm64 stay emulated).
+NATIVE_ALSO = {"amd64": {"i386"}}
 
 NSPAWN_RUNTIME = Path("/run/systemd/nspawn")
 CONTAINER_ENV = {
@@ -46,9 +54,50 @@ def _ensure_nspawn_runtime() -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(NSPAWN_RUNTIME)], check=True)
 
 
-def run_in(tree: Path, argv: Sequence[str], log: Log, env: Mapping[str, str] | None = None,
+@lru_cache(maxsize=None)
+def host_arch() -> str:
+    return output(["dpkg", "--print-architecture"]).strip()
+
+
+def emulated(arch: str) -> bool:
+    """Whether the tree's binaries run under qemu-user on this host."""
+    host = host_arch()
+    return arch != host and arch not in NATIVE_ALSO.get(host, ())
+
+
+def ensure_binfmt(arch: str, log: Log) -> None:
+    """Make sure the kernel hands `arch` binaries to qemu-user: check the
+    binfmt_misc handler, register it through binfmt-support when it is only
+    missing, and otherwise stop saying what to install.  The handler needs
+    the F flag (interpreter opened at registration), because nothing is
+    copied into the tree."""
+    if not emulated(arch):
+        return
+    name = f"qemu-{QEMU_USER[arch]}"
+    entry = BINFMT_DIR / name
+    if not (BINFMT_DIR / "status").exists():
+        run(["mount", "-t", "binfmt_misc", "binfmt_misc", BINFMT_DIR], log, check=False)
+    if not entry.exists() and shutil.which("update-binfmts") and Path(f"/usr/share/binfmts/{name}").exists():
+        log.note(f"# registering the binfmt_misc handler {name} for {arch}")
+        run(["update-binfmts", "--enable", name], log, check=False)
+    install = "apt-get install qemu-user-static binfmt-support (or ./setup.sh --no-build)"
+    if not entry.exists():
+        raise log.fail(f"{arch} binaries cannot run on this {host_arch()} host: no binfmt_misc handler "
+                       f"{entry}; {install}")
+    lines = entry.read_text().splitlines()
+    if lines[0] != "enabled":
+        raise log.fail(f"binfmt_misc handler {entry} is disabled: update-binfmts --enable {name}")
+    flags = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("flags:")), "")
+    if "F" not in flags:
+        raise log.fail(f"binfmt_misc handler {entry} lacks the F flag (flags: {flags or 'none'}), so the "
+                       f"interpreter would have to be inside the tree; use qemu-user-static's handlers: {install}")
+
+
+def run_in(tree: Path, argv: Sequence[str], log: Log, arch: str, env: Mapping[str, str] | None = None,
            check: bool = True) -> subprocess.CompletedProcess:
-    """Run argv (a path inside the tree) with tree as its root."""
+    """Run argv (a path inside the tree, whose binaries are for `arch`) with
+    tree as its root."""
+    ensure_binfmt(arch, log)
     full_env = {**CONTAINER_ENV, **(env or {})}
     tree = Path(tree).resolve()
     if backend() == "nspawn":

@@ -100,7 +100,7 @@ class Configure(Stage):
                 raise log.fail(f"hook {os.path.relpath(hook, unit.project.root)} is not executable (chmod +x it)")
             run(["cp", "-p", hook, hooks / hook.name], log)
         script = install_script(tree, "configure", SCRIPT)
-        run_in(tree, [script, unit.target.locale], log)
+        run_in(tree, [script, unit.target.locale], log, unit.arch)
         broken = [f"{r.get('Package')} ({r.get('Status')})" for r in read_status(tree)
                   if r.get("Status") != "install ok installed"]
         if broken:

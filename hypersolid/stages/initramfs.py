@@ -88,7 +88,7 @@ class Initramfs(Stage):
             with open(conf / "modules", "a") as f:
                 f.write("".join(m + "\n" for m in t.initramfs_extra_modules))
         (tree / ".hypersolid").mkdir(exist_ok=True)
-        run_in(tree, ["mkinitramfs", "-o", "/.hypersolid/initramfs.img", kver], log)
+        run_in(tree, ["mkinitramfs", "-o", "/.hypersolid/initramfs.img", kver], log, unit.arch)
         shutil.copyfile(tree / ".hypersolid/initramfs.img", out / "initramfs.img")
         shutil.copyfile(tree / "boot" / f"vmlinuz-{kver}", out / "kernel.img")
         (out / "kernel.json").write_text(json.dumps({"version": kver}) + "\n")

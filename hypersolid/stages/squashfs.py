@@ -159,5 +159,5 @@ class Squashfs(Stage):
         runner = d.parent / "run-post-configure"
         runner.write_text(HOOK_RUNNER)
         runner.chmod(0o755)
-        run_in(tree, ["/.hypersolid/run-post-configure"], log)
+        run_in(tree, ["/.hypersolid/run-post-configure"], log, unit.arch)
 
