@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Measure the incremental build paths of one target, side by side in one run.
 
-    sudo .venv/bin/python bench/incremental.py [--target qemu-amd64] [--repeat 3]
+    sudo .venv/bin/python bench/incremental.py [--target qemu-amd64 ...] [--repeat 3]
 
-Copies the project's targets/, rootfs/ and package into a scratch directory
-with a fresh cache (so the cold build downloads and builds everything), then
+For each target (default: qemu-amd64 and the emulated qemu-arm64), copies the
+project's targets/, rootfs/ and package into a scratch directory with a fresh
+cache (so the cold build downloads and builds everything), then
 times up to the target's dist/ files (bootfiles): cold build (per stage),
 no-op, one overlay file edited, the boot script edited, one package added
 (with the bytes that second bootstrap downloaded), and a fresh checkout using
@@ -51,72 +52,91 @@ def doit(checkout: Path, cache: Path, task: str) -> tuple[float, dict[str, float
     return seconds, stages, proc.stdout
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default="qemu-amd64")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per incremental measurement (median)")
-    parser.add_argument("--package", default="less", help="package added for the package-added run")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    args = parser.parse_args()
-    task = f"bootfiles:{args.target}"
+# What the issues compare against, measured with the original tools here.
+BASELINES = {"qemu-amd64": ("original bash tool, same package set", ORIGINAL_TOOL_SECONDS),
+             "qemu-arm64": ("plain dpkg --configure -a under qemu-user, arm64 with a kernel", 17.5 * 60)}
 
-    scratch = Path(tempfile.mkdtemp(prefix="hypersolid-bench-"))
+
+def measure(target: str, args, scratch: Path) -> dict:
+    """All rows for one target, in its own checkout and fresh cache."""
+    task = f"bootfiles:{target}"
     cache = scratch / "cache"
     checkout = make_checkout(scratch / "checkout")
     rows: dict[str, float] = {}
-    try:
-        rows["cold"], cold_stages, _ = doit(checkout, cache, task)
-        rows["noop"] = statistics.median(doit(checkout, cache, task)[0] for _ in range(args.repeat))
+    rows["cold"], cold_stages, _ = doit(checkout, cache, task)
+    rows["noop"] = statistics.median(doit(checkout, cache, task)[0] for _ in range(args.repeat))
 
-        def edited(path: Path, line: str) -> float:
-            """Median time of a build after appending a line to path, repeated."""
-            path.parent.mkdir(parents=True, exist_ok=True)
-            times = []
-            for i in range(args.repeat):
-                with open(path, "a") as f:
-                    f.write(f"{line} {i}\n")
-                times.append(doit(checkout, cache, task)[0])
-            return statistics.median(times)
+    def edited(path: Path, line: str) -> float:
+        """Median time of a build after appending a line to path, repeated."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        times = []
+        for i in range(args.repeat):
+            with open(path, "a") as f:
+                f.write(f"{line} {i}\n")
+            times.append(doit(checkout, cache, task)[0])
+        return statistics.median(times)
 
-        rows["overlay_edit"] = edited(checkout / "targets" / args.target / "rootfs/etc/motd", "bench edit")
-        if any((checkout / "build" / args.target).glob("*/initramfs.key")):
-            rows["boot_script_edit"] = edited(checkout / "hypersolid/initramfs/hypersolid", "# bench edit")
+    rows["overlay_edit"] = edited(checkout / "targets" / target / "rootfs/etc/motd", "bench edit")
+    if any((checkout / "build" / target).glob("*/initramfs.key")):
+        rows["boot_script_edit"] = edited(checkout / "hypersolid/initramfs/hypersolid", "# bench edit")
 
-        yaml = checkout / "targets" / args.target / "target.yaml"
-        data = yaml_lib.safe_load(yaml.read_text())
-        data["sections"][0].setdefault("packages", []).append(args.package)
-        yaml.write_text(yaml_lib.safe_dump(data))
-        rows["package_added"], added_stages, _ = doit(checkout, cache, task)
-        key = (checkout / "build" / args.target).glob("*/bootstrap.key")
-        stats = json.loads((cache / "bootstrap" / next(key).read_text().strip() / "stats.json").read_text())
+    yaml = checkout / "targets" / target / "target.yaml"
+    data = yaml_lib.safe_load(yaml.read_text())
+    data["sections"][0].setdefault("packages", []).append(args.package)
+    yaml.write_text(yaml_lib.safe_dump(data))
+    rows["package_added"], added_stages, _ = doit(checkout, cache, task)
+    key = next((checkout / "build" / target).glob("*/bootstrap.key")).read_text().strip()
+    stats = json.loads((cache / "bootstrap" / key / "stats.json").read_text())
 
-        clone = scratch / "clone"
-        for name in ("targets", "rootfs", "hypersolid"):
-            shutil.copytree(checkout / name, clone / name, symlinks=True)
-        shutil.copy(checkout / "dodo.py", clone / "dodo.py")
-        rows["fresh_clone_restored_cache"] = doit(clone, cache, task)[0]
-    finally:
-        if not args.keep:
-            shutil.rmtree(scratch, ignore_errors=True)
-
+    clone = scratch / "clone"
+    for name in ("targets", "rootfs", "hypersolid"):
+        shutil.copytree(checkout / name, clone / name, symlinks=True)
+    shutil.copy(checkout / "dodo.py", clone / "dodo.py")
+    rows["fresh_clone_restored_cache"] = doit(clone, cache, task)[0]
     result = {
-        "target": args.target, "seconds": {k: round(v, 2) for k, v in rows.items()},
+        "target": target, "seconds": {k: round(v, 2) for k, v in rows.items()},
         "cold_stages": cold_stages, "package_added_stages": added_stages,
         "second_bootstrap_downloaded_bytes": stats["downloaded_bytes"],
         "second_bootstrap_downloaded_deb_bytes": stats["downloaded_deb_bytes"],
         "second_bootstrap_reused_deb_bytes": stats["reused_deb_bytes"],
-        "cold_vs_original_tool": round(rows["cold"] / ORIGINAL_TOOL_SECONDS, 3),
         "overlay_edit_vs_cold": round(rows["overlay_edit"] / rows["cold"], 3),
     }
-    print(f"\nhypersolid incremental benchmark: {args.target} (median of {args.repeat} where repeated)")
-    print(f"{'measurement':<30}{'seconds':>10}")
-    for name, seconds in rows.items():
-        print(f"{name:<30}{seconds:>10.2f}")
-    print("cold build by stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in cold_stages.items()))
-    print(f"second bootstrap downloaded {stats['downloaded_deb_bytes']} bytes of packages "
-          f"({stats['downloaded_bytes']} with indexes), reused {stats['reused_deb_bytes']} from the cache")
-    print(f"cold build / original tool ({ORIGINAL_TOOL_SECONDS} s): {result['cold_vs_original_tool']}")
-    print(json.dumps(result, sort_keys=True))
+    if target in BASELINES:
+        result["cold_vs_baseline"] = round(rows["cold"] / BASELINES[target][1], 3)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", action="append", help="target to measure (repeatable; "
+                        "default: qemu-amd64 and qemu-arm64)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per incremental measurement (median)")
+    parser.add_argument("--package", default="less", help="package added for the package-added run")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = parser.parse_args()
+    targets = args.target or ["qemu-amd64", "qemu-arm64"]
+
+    scratch = Path(tempfile.mkdtemp(prefix="hypersolid-bench-"))
+    try:
+        results = [measure(t, args, scratch / t) for t in targets]
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    print(f"\nhypersolid incremental benchmark (seconds; median of {args.repeat} where repeated)")
+    print(f"{'measurement':<30}" + "".join(f"{r['target']:>14}" for r in results))
+    for row in results[0]["seconds"]:
+        print(f"{row:<30}" + "".join(f"{r['seconds'].get(row, float('nan')):>14.2f}" for r in results))
+    for r in results:
+        print(f"{r['target']}: cold by stage: " + ", ".join(f"{k.split(':')[0]} {v:.1f}s"
+                                                           for k, v in r["cold_stages"].items()))
+        print(f"{r['target']}: second bootstrap downloaded {r['second_bootstrap_downloaded_deb_bytes']} bytes "
+              f"of packages ({r['second_bootstrap_downloaded_bytes']} with indexes), reused "
+              f"{r['second_bootstrap_reused_deb_bytes']} from the cache")
+        if "cold_vs_baseline" in r:
+            what, seconds = BASELINES[r["target"]]
+            print(f"{r['target']}: cold / {what} ({seconds:.0f} s) = {r['cold_vs_baseline']}")
+    print(json.dumps(results, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -248,6 +248,13 @@ SETTINGS = Record(
         modules=Field(Choice(*INITRAMFS_MODULES, what="module policy"), "most"),
         extra_modules=Field(ListOf(Str(r"[A-Za-z0-9_\-]+", "a kernel module name")), [], "union"),
     ), {}, "record"),
+    kernel_cmdline=Field(ListOf(Str(r"\S+", "a kernel parameter (no spaces)")), [], "union"),
+    raspberrypi=Field(Record(
+        dtbs=Field(ListOf(Str(r"[A-Za-z0-9_.\-]+\.dtb", "a device tree file name such as bcm2711-rpi-4-b.dtb")),
+                   [], "union"),
+        consoles=Field(ListOf(Str(r"[A-Za-z0-9,]+", "a console such as ttyS1,115200")), ["tty0", "ttyS1,115200"]),
+        config_txt=Field(ListOf(Str()), [], "union"),
+    ), {}, "record"),
 )
 REQUIRED_TO_BUILD = ("architectures", "suite", "mirror", "sections")
 
@@ -341,6 +348,10 @@ class Target:
     initramfs_compression: str
     initramfs_modules: str
     initramfs_extra_modules: tuple[str, ...]
+    kernel_cmdline: tuple[str, ...]
+    rpi_dtbs: tuple[str, ...]            # non-empty: a Raspberry Pi target (dist/<t>/boot/)
+    rpi_consoles: tuple[str, ...]
+    rpi_config_txt: tuple[str, ...]
 
     def packages_for(self, arch: str) -> tuple[str, ...]:
         return tuple(p for s in self.sections for p in s.packages_for(arch))
@@ -481,6 +492,10 @@ def _load_target(targets_dir: Path, name: str) -> Target:
         initramfs_compression=v["initramfs"]["compression"],
         initramfs_modules=v["initramfs"]["modules"],
         initramfs_extra_modules=tuple(v["initramfs"]["extra_modules"]),
+        kernel_cmdline=tuple(v["kernel_cmdline"]),
+        rpi_dtbs=tuple(v["raspberrypi"]["dtbs"]),
+        rpi_consoles=tuple(v["raspberrypi"]["consoles"]),
+        rpi_config_txt=tuple(v["raspberrypi"]["config_txt"]),
     )
 
 

@@ -244,3 +244,31 @@ def test_boot_task_gives_a_console_and_quits_on_ctrl_a_x(built, tmp_path):
     assert proc.returncode == 0, text[-3000:]
     assert "pstorage=/dev/vda" in text and "+ storage /dev/vda" in text
     assert disk.exists()  # created for the user
+
+
+@pytest.fixture(scope="module")
+def arm64_built(built) -> TestProject:
+    """The shipped qemu-arm64 target: configure and mkinitramfs under qemu-user."""
+    if shutil.which("qemu-system-aarch64") is None:
+        pytest.fail("qemu-system-aarch64 is missing (run ./setup.sh --no-build)")
+    built.doit("bootfiles:qemu-arm64")
+    return built
+
+
+@pytest.mark.foreign
+def test_arm64_vm_boots_to_multi_user_on_the_overlay(arm64_built, tmp_path):
+    log = Log(tmp_path / "arm64.build.log", "boot-test arm64")
+    seed = seed_archive(tmp_path, "hs-probe-poweroff")
+    vm = machine(arm64_built.root / "dist/qemu-arm64", "arm64", tmp_path / "work", log,
+                 extra_initrds=[seed], log_path=tmp_path / "arm64.console.log")
+    assert vm.command()[0] == "qemu-system-aarch64" and "console=ttyAMA0" in vm.append
+    with vm:
+        vm.expect(r"hypersolid: / is overlay of /system-arm64\.img", 600)
+        facts = probe(vm, timeout=900)
+        assert vm.wait_exit(300) == 0
+    assert facts["multi_user"] == "active" and facts["failed_units"] == ""
+    assert facts["root"].startswith("overlay ") and "upperdir=/hypersolid/tmpfs/upper" in facts["root"]
+    assert facts["mnt_rootfs"].startswith("squashfs /dev/loop")
+    assert facts["mnt_tmpfs"].startswith("tmpfs tmpfs")
+    assert facts["upper_copy"] == "written at boot"
+    assert int(facts["host_keys"]) >= 3

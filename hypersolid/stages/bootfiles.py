@@ -4,6 +4,8 @@
     system-<arch>.img  and/or system-<arch>.cpio  (target.yaml `image:`)
     packages-<arch>.tsv                           (name, version, architecture)
     build-<arch>.json                             (target, build id, keys)
+    boot/                                         (Raspberry Pi targets: the boot
+                                                   partition, see raspberrypi.py)
 
 Not cached: these are copies of cache entries, which already hold them once.
 doit re-runs this stage when an upstream key changed or a dist file is
@@ -17,7 +19,8 @@ import json
 import os
 from pathlib import Path
 
-from ..cache import digest_file, digest_json
+from .. import raspberrypi
+from ..cache import digest_file, digest_json, remove_tree
 from ..run import Log, run
 from . import Stage, Unit, register
 
@@ -36,13 +39,11 @@ def build_id(unit: Unit) -> str:
 class Bootfiles(Stage):
     name = "bootfiles"
     cached = False
+    helpers = ("hypersolid.raspberrypi",)
     doc = "dist/<target>/: kernel, initramfs, system image, package manifest, build info"
 
     def upstream_of(self, unit: Unit) -> tuple[str, ...]:
         return _upstream(unit)
-
-    def settings(self, unit: Unit) -> dict:
-        return {"arch": unit.arch, "files": {k: list(v) for k, v in self.files(unit).items()}}
 
     def files(self, unit: Unit) -> dict[str, tuple[str, str]]:
         """dist name -> (stage, file in that stage's cache entry)."""
@@ -57,8 +58,24 @@ class Bootfiles(Stage):
         files[f"packages-{a}.tsv"] = ("squashfs", "packages.tsv")
         return files
 
+    def settings(self, unit: Unit) -> dict:
+        t = unit.target
+        return {"arch": unit.arch, "files": {k: list(v) for k, v in self.files(unit).items()},
+                "raspberrypi": [list(t.rpi_dtbs), list(t.rpi_consoles), list(t.rpi_config_txt),
+                                list(t.kernel_cmdline)] if self.pi_boot_dir(unit) else None}
+
+    def pi_boot_dir(self, unit: Unit) -> Path | None:
+        """dist/<target>/boot for a Raspberry Pi target with a kernel (boot-<arch>
+        if the target has several architectures)."""
+        t = unit.target
+        if not t.rpi_dtbs or not t.has_kernel(unit.arch):
+            return None
+        return unit.dist_dir / ("boot" if len(t.architectures) == 1 else f"boot-{unit.arch}")
+
     def outputs(self, unit: Unit) -> list[Path]:
-        return [unit.dist_dir / n for n in [*self.files(unit), f"build-{unit.arch}.json"]]
+        boot = self.pi_boot_dir(unit)
+        pi = [boot / "config.txt", boot / "cmdline.txt"] if boot else []
+        return [unit.dist_dir / n for n in [*self.files(unit), f"build-{unit.arch}.json"]] + pi
 
     def build(self, unit: Unit, out: None, log: Log) -> None:
         dist = unit.dist_dir
@@ -84,6 +101,25 @@ class Bootfiles(Stage):
             info["initramfs"] = unit.key("initramfs")
             info["kernel_version"] = json.loads(
                 (unit.output("initramfs") / "kernel.json").read_text())["version"]
+        boot = self.pi_boot_dir(unit)
+        if boot:
+            self._pi_boot(unit, boot, log)
         tmp = dist / f".build-{a}.json.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, dist / f"build-{a}.json")
+
+    def _pi_boot(self, unit: Unit, boot: Path, log: Log) -> None:
+        """Built beside, then swapped in: the old boot/ stays whole until then."""
+        a = unit.arch
+        new = boot.with_name(f".{boot.name}.tmp-{os.getpid()}")
+        remove_tree(new)
+        new.mkdir()
+        kver = json.loads((unit.output("initramfs") / "kernel.json").read_text())["version"]
+        raspberrypi.write_boot_dir(unit.target, a, unit.output("configure") / "tree", kver,
+                                   unit.dist_dir / f"kernel-{a}.img", unit.dist_dir / f"initramfs-{a}.img",
+                                   new, log)
+        old = boot.with_name(f".{boot.name}.old-{os.getpid()}")
+        if boot.exists():
+            os.rename(boot, old)
+        os.rename(new, boot)
+        remove_tree(old)
