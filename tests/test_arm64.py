@@ -68,3 +68,19 @@ def test_second_target_with_same_arm64_packages_reuses_the_configured_tree(proje
     assert re.search(r"configure:twin64\s+[\d.]+s\s+cache hit", result.output)
     log = (project.root / "build/twin64/arm64/logs/configure.log").read_text()
     assert "cache hit" in log and "systemd-nspawn" not in log
+
+
+def test_multi_architecture_target_gets_a_chain_per_arch_and_one_overlay(project):
+    both = tiny_target().replace("architectures: [amd64]", "architectures: [amd64, arm64]")
+    project.target("both", both.replace("hostname: tiny", "hostname: both"))
+    result = project.doit("bootfiles:both-amd64", "bootfiles:both-arm64")
+    for stage in ("bootstrap", "configure", "squashfs", "bootfiles"):
+        assert {f"{stage}:both-amd64", f"{stage}:both-arm64"} <= result.executed
+    assert "rootfs:both" in result.executed  # arch-independent: built once for both
+    assert not [t for t in result.executed if t.startswith("rootfs:both-")]
+    dist = project.root / "dist/both"
+    for arch in ("amd64", "arm64"):
+        assert (dist / f"system-{arch}.img").stat().st_size > 1 << 20
+        assert f"\t{arch}\n" in (dist / f"packages-{arch}.tsv").read_text()
+    # Same package sets as small64 (arm64) and any amd64 tiny target: configure is shared.
+    assert project.key("configure", "both", "arm64") == project.key("configure", "small64", "arm64")
