@@ -1,7 +1,17 @@
-"""Reading a tree's dpkg database (no dpkg needed: works for any architecture)."""
+"""Reading a tree's dpkg database (no dpkg needed: works for any architecture),
+and the host's package versions."""
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
+
+from .run import output
+
+
+@lru_cache(maxsize=None)  # once per run: task creation is on the no-op path
+def host_version(package: str) -> str:
+    """Version of a host tool's package; part of the keys of stages it shapes."""
+    return output(["dpkg-query", "-W", "-f=${Version}", package]).strip() or "unknown"
 
 
 def read_status(tree: Path) -> list[dict[str, str]]:

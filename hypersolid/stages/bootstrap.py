@@ -7,12 +7,12 @@ every .deb in the cache: a later bootstrap downloads only new packages.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 
 from ..config import Target
 from ..debproxy import DebProxy
-from ..run import Log, output, run
+from ..dpkg import host_version
+from ..run import Log, run
 from . import Stage, Unit, register
 
 KEYRING = "debian-archive-keyring"
@@ -48,11 +48,6 @@ def multistrap_ini(arch: str, directory: Path, sections: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@lru_cache(maxsize=None)  # once per run: task creation is on the no-op path
-def multistrap_version() -> str:
-    return output(["dpkg-query", "-W", "-f=${Version}", "multistrap"]).strip() or "unknown"
-
-
 @register
 class Bootstrap(Stage):
     name = "bootstrap"
@@ -60,7 +55,7 @@ class Bootstrap(Stage):
 
     def settings(self, unit: Unit) -> dict:
         return {"arch": unit.arch, "sections": sections_for(unit.target, unit.arch),
-                "multistrap": multistrap_version()}
+                "multistrap": host_version("multistrap")}
 
     def build(self, unit: Unit, out: Path, log: Log) -> None:
         tree = out / "tree"

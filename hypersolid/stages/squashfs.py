@@ -8,14 +8,13 @@ copied, not modified.
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from pathlib import Path
 
 from .. import accounts
 from ..container import run_in
-from ..dpkg import write_package_manifest
+from ..dpkg import host_version, write_package_manifest
 from ..isolate import build_isolated, release_view, writable_view
-from ..run import Log, output, run
+from ..run import Log, run
 from . import Stage, Unit, register
 from .rootfs import copy_overlay
 
@@ -65,11 +64,6 @@ def mksquashfs_args(compression: str, level: int | None) -> list[str]:
     return args
 
 
-@lru_cache(maxsize=None)  # once per run: task creation is on the no-op path
-def squashfs_tools_version() -> str:
-    return output(["dpkg-query", "-W", "-f=${Version}", "squashfs-tools"]).strip() or "unknown"
-
-
 @register
 class Squashfs(Stage):
     name = "squashfs"
@@ -86,7 +80,7 @@ class Squashfs(Stage):
             "root_password": t.root_password,
             "services": {"enable": list(t.services_enable), "disable": list(t.services_disable)},
             "compression": [t.compression, t.compression_level], "image": t.image,
-            "squashfs_tools": squashfs_tools_version(), "hook_runner": HOOK_RUNNER,
+            "squashfs_tools": host_version("squashfs-tools"), "hook_runner": HOOK_RUNNER,
         }
 
     def input_files(self, unit: Unit) -> dict[str, Path]:
