@@ -365,8 +365,9 @@ class Target:
     def hook_files(self, kind: str) -> list[Path]:
         """Hooks of one kind (e.g. 'pre-configure') from every layer, in run order.
 
-        Order: numeric/lexical by file name across layers, a later layer's
-        hook replacing an earlier one of the same name.
+        Order: by the number a name starts with (`9-x` before `10-y`), then
+        by name, across layers; a later layer's hook replaces an earlier one
+        of the same name.
         """
         found: dict[str, Path] = {}
         for layer in self.layers:
@@ -375,7 +376,13 @@ class Target:
                 for f in sorted(d.iterdir()):
                     if not f.name.startswith(".") and not f.name.endswith("~"):
                         found[f.name] = f
-        return [found[n] for n in sorted(found)]
+        return [found[n] for n in sorted(found, key=hook_order)]
+
+
+def hook_order(name: str) -> tuple:
+    """Numeric order, as the NN- prefixes mean; names without one go last."""
+    digits = re.match(r"\d+", name)
+    return (0, int(digits.group()), name) if digits else (1, 0, name)
 
 
 class Project:

@@ -93,11 +93,11 @@ def ensure_binfmt(arch: str, log: Log) -> None:
                        f"interpreter would have to be inside the tree; use qemu-user-static's handlers: {install}")
 
 
-def run_in(tree: Path, argv: Sequence[str], log: Log, arch: str, env: Mapping[str, str] | None = None,
-           check: bool = True) -> subprocess.CompletedProcess:
-    """Run argv (a path inside the tree, whose binaries are for `arch`) with
-    tree as its root."""
-    ensure_binfmt(arch, log)
+def command(tree: Path, argv: Sequence[str], env: Mapping[str, str] | None = None,
+            console: str | None = None) -> list[str]:
+    """The command line that runs argv with tree as its root.  console:
+    nspawn's --console mode (None: its default; attach passes interactive
+    or pipe so a terminal or piped stdin reaches the shell)."""
     full_env = {**CONTAINER_ENV, **(env or {})}
     tree = Path(tree).resolve()
     if backend() == "nspawn":
@@ -105,15 +105,22 @@ def run_in(tree: Path, argv: Sequence[str], log: Log, arch: str, env: Mapping[st
         cmd = ["systemd-nspawn", "--register=no", "--keep-unit", "--quiet", "--as-pid2",
                "--resolv-conf=off", "--timezone=off", "--link-journal=no",
                f"--machine=hs-{os.getpid()}", "-D", str(tree)]
+        cmd += [f"--console={console}"] if console else []
         cmd += [f"--setenv={k}={v}" for k, v in full_env.items()]
-        cmd += ["--", *argv]
-    else:
-        setup = ('mount -t proc proc "$0/proc" && mount -t sysfs sysfs "$0/sys" && '
-                 'mount --rbind /dev "$0/dev" && exec chroot "$0" "$@"')
-        cmd = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
-               "sh", "-c", setup, str(tree), "/usr/bin/env", "-i",
-               *[f"{k}={v}" for k, v in full_env.items()], *argv]
-    return run(cmd, log, check=check)
+        return cmd + ["--", *argv]
+    setup = ('mount -t proc proc "$0/proc" && mount -t sysfs sysfs "$0/sys" && '
+             'mount --rbind /dev "$0/dev" && exec chroot "$0" "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
+            "sh", "-c", setup, str(tree), "/usr/bin/env", "-i",
+            *[f"{k}={v}" for k, v in full_env.items()], *argv]
+
+
+def run_in(tree: Path, argv: Sequence[str], log: Log, arch: str, env: Mapping[str, str] | None = None,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """Run argv (a path inside the tree, whose binaries are for `arch`) with
+    tree as its root, output to the log."""
+    ensure_binfmt(arch, log)
+    return run(command(tree, argv, env), log, check=check)
 
 
 def install_script(tree: Path, name: str, text: str) -> str:

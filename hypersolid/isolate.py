@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .run import BuildError, Log, run
+from .run import BuildError, HookError, Log, run
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 
@@ -26,8 +26,10 @@ def build_isolated(stage_name: str, unit, out: Path, log: Log) -> None:
              "from hypersolid.isolate import main; main()", json.dumps(args)],
             log, env={"PYTHONPATH": str(PACKAGE_PARENT)})
     except BuildError:
-        if error.exists():  # the child's own, precise message
-            raise BuildError(log.stage, error.read_text(), None, log.path) from None
+        if error.exists():  # the child's own, precise error
+            e = json.loads(error.read_text())
+            kind = HookError if e["hook"] else BuildError
+            raise kind(log.stage, e["message"], e["command"], log.path) from None
         raise
 
 
@@ -69,5 +71,6 @@ def main() -> None:
     try:
         STAGES[args["stage"]].assemble(unit, out, log)
     except BuildError as err:
-        (out / ".error").write_text(err.message)
+        (out / ".error").write_text(json.dumps({"message": err.message, "command": err.command,
+                                                "hook": isinstance(err, HookError)}))
         sys.exit(3)

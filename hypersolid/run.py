@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -44,6 +45,11 @@ class BuildError(Exception):
         return "\n".join(lines)
 
 
+class HookError(BuildError):
+    """A user hook failed or cannot run: the user's script, not hypersolid,
+    is what to look at (the command line exits 3 for these)."""
+
+
 def _tail(log: Path, count: int = 15) -> list[str]:
     try:
         with open(log, "rb") as f:
@@ -66,9 +72,10 @@ class Log:
         with open(self.path, "a") as f:
             f.write(text.rstrip("\n") + "\n")
 
-    def fail(self, message: str, command: Sequence[str] | None = None) -> BuildError:
+    def fail(self, message: str, command: Sequence[str] | None = None,
+             error: type[BuildError] = BuildError) -> BuildError:
         self.note(f"# FAILED: {message}")
-        return BuildError(self.stage, message, command, self.path)
+        return error(self.stage, message, command, self.path)
 
 
 def run(argv: Sequence[str], log: Log, *, env: Mapping[str, str] | None = None,
@@ -101,6 +108,26 @@ def output(argv: Sequence[str], log: Log | None = None) -> str:
         return run(argv, log, capture=True).stdout.decode()
     return subprocess.run([os.fspath(a) for a in argv], env=BASE_ENV, check=True,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout.decode()
+
+
+def tee(argv: Sequence[str], log: Log, *, env: Mapping[str, str] | None = None,
+        cwd: Path | None = None) -> int:
+    """Run argv with its output both on the console and in the log (user
+    hooks such as deploy: the user watches them, the log keeps them)."""
+    argv = [os.fspath(a) for a in argv]
+    log.note(f"$ {shlex.join(argv)}")
+    start = time.monotonic()
+    with open(log.path, "ab") as out:
+        proc = subprocess.Popen(argv, env={**BASE_ENV, **(env or {})}, cwd=cwd,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for line in proc.stdout:
+            out.write(line)
+            out.flush()
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+        status = proc.wait()
+    log.note(f"# exit {status} after {time.monotonic() - start:.1f}s")
+    return status
 
 
 def attached(argv: Sequence[str], log: Log) -> int:

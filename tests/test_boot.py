@@ -9,6 +9,7 @@ the console; the image itself is not changed.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -48,6 +49,7 @@ echo "written at boot" > /hs-probe-written
 say upper_copy "$(cat /mnt/tmpfs/upper/hs-probe-written 2>/dev/null || echo missing)"
 say host_keys "$(ls /etc/ssh/ssh_host_*_key 2>/dev/null | wc -l)"
 say machine_id "$(cat /etc/machine-id)"
+say build_id "$(cat /etc/hypersolid_build)"
 say marker "$(cat /etc/hs-storage-marker 2>/dev/null || echo none)"
 if [ -e /etc/hs-probe-persist ]; then
     echo "kept across boots" > /etc/hs-persisted
@@ -128,6 +130,9 @@ def test_diskless_three_file_boot_reaches_multi_user_on_a_tmpfs_overlay(built, t
         vm.expect(r"hypersolid: / is overlay of /system-amd64\.img", 300)
         facts = probe(vm)
         vm.expect(r"qemu-amd64 login: ", 300, anywhere=True)
+        # The login banner names the build (agetty shows /etc/issue.d/).
+        banner = vm.expect(r"hypersolid qemu-amd64 \(amd64\) build (\S+)\s+qemu-amd64 login: ",
+                           5, anywhere=True).group(1)
         # Root has no usable password in the image: an empty one is refused.
         vm.sendline("root")
         vm.expect(r"Password: ", 60)
@@ -146,6 +151,8 @@ def test_diskless_three_file_boot_reaches_multi_user_on_a_tmpfs_overlay(built, t
     assert facts["upper_copy"] == "written at boot"             # writes land in the tmpfs
     assert int(facts["host_keys"]) >= 3                         # made by the first-boot unit
     assert re.fullmatch(r"[0-9a-f]{32}", facts["machine_id"])
+    build_id = json.loads((built.root / "dist/qemu-amd64/build-amd64.json").read_text())["build_id"]
+    assert facts["build_id"] == banner == build_id
     assert mounts() == before
 
 

@@ -64,7 +64,7 @@ def test_dist_holds_kernel_initramfs_image_manifest_and_build_info(project):
         "kernel-amd64.img": ("initramfs", "kernel.img"),
         "initramfs-amd64.img": ("initramfs", "initramfs.img"),
         "system-amd64.img": ("squashfs", "system-amd64.img"),
-        "system-amd64.cpio": ("squashfs", "system-amd64.cpio"),
+        "system-amd64.cpio": ("squashfs", "system-amd64.img"),  # wrapped by bootfiles
         "packages-amd64.tsv": ("squashfs", "packages.tsv"),
     }
     assert project.root / "dist/vm/build-amd64.json" in stage.outputs(u)

@@ -54,8 +54,11 @@ def test_cold_build_runs_every_stage_and_packs_a_real_image(project):
     assert "squashfs-root/usr/bin/dpkg" in listing
     assert "squashfs-root/.hypersolid" not in listing  # build scripts are gone
     assert not any(line.startswith("squashfs-root/boot/") for line in listing.splitlines())
-    cpio = subprocess.run(["cpio", "-t", "--quiet"], stdin=open(image.with_suffix(".cpio"), "rb"),
-                          check=True, stdout=subprocess.PIPE, text=True).stdout
+    # dist/ gets the image and, for `image: both`, the same image in a cpio.
+    project.doit("bootfiles:tiny")
+    with open(project.root / "dist/tiny/system-amd64.cpio", "rb") as archive:
+        cpio = subprocess.run(["cpio", "-t", "--quiet"], stdin=archive,
+                              check=True, stdout=subprocess.PIPE, text=True).stdout
     assert cpio.split() == ["system-amd64.img"]
     assert cat_image(project, "etc/motd") == "tiny\n"
     assert cat_image(project, "etc/hypersolid-generic") == "generic layer\n"
@@ -160,7 +163,7 @@ def test_failing_hook_names_stage_hook_and_log_and_leaves_no_mount_or_entry(proj
         result = project.doit("squashfs:tiny", check=False)
     assert result.returncode != 0
     assert "squashfs:tiny" in result.output
-    assert "post-configure.d/50-fail failed with status 7" in result.output
+    assert "post-configure.d/50-fail failed with exit status 7" in result.output
     assert "build/tiny/amd64/logs/squashfs.log" in result.output
     assert "Traceback" not in result.output
     assert mounts() == before

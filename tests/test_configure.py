@@ -32,7 +32,9 @@ def test_pre_configure_hook_runs_in_the_container_and_only_reruns_configure_onwa
 
 
 def test_configure_falls_back_to_a_chroot_in_a_private_namespace(project):
-    project.write("targets/tiny/hooks/pre-configure.d/20-chroot", "#!/bin/sh\n# chroot variant\ntrue\n", mode=0o755)
+    # (the project path makes the key new: never a hit from an earlier run on a kept cache)
+    project.write("targets/tiny/hooks/pre-configure.d/20-chroot", f"#!/bin/sh\n# chroot variant {project.root}\ntrue\n",
+                  mode=0o755)
     before = mounts()
     env_backup = os.environ.get("HYPERSOLID_CONTAINER")
     os.environ["HYPERSOLID_CONTAINER"] = "chroot"
@@ -67,3 +69,24 @@ def test_non_executable_hook_stops_the_build_naming_it(project):
         result = project.doit("configure:tiny", check=False)
     assert result.returncode != 0
     assert "targets/tiny/hooks/pre-configure.d/40-not-exec is not executable" in result.output
+
+
+def test_a_pre_configure_hook_installs_extra_packages_with_apt(project):
+    """The documented recipe (docs/targets.md): apt-get update and install
+    inside the hook; downloads go through the build's caching proxy."""
+    hook = ("#!/bin/sh\nset -e\n"
+            "[ \"$(cat /usr/sbin/policy-rc.d)\" ]      # daemons are blocked\n"
+            "[ -r /proc/self/status ] && [ -d /sys/kernel ] && [ -c /dev/null ]\n"
+            "[ \"$DEBIAN_FRONTEND\" = noninteractive ]\n"
+            "apt-get update -q\n"
+            "apt-get install -y -q --no-install-recommends hello\n")
+    with project.temporary("targets/tiny/hooks/pre-configure.d/50-apt", hook, mode=0o755):
+        result = project.doit("squashfs:tiny")
+        assert "bootstrap:tiny" in result.uptodate              # only configure onwards
+        assert {"configure:tiny", "squashfs:tiny"} <= result.executed
+        tree = project.entry("configure", "tiny") / "tree"
+        assert (tree / "usr/bin/hello").exists()
+        packages = (project.entry("configure", "tiny") / "packages.tsv").read_text()
+        assert "\nhello\t" in packages
+    debs = list((project.cache / "debs").rglob("hello_*.deb"))
+    assert debs, "the .deb went through the caching proxy"

@@ -113,13 +113,36 @@ class Stage:
         """What doit's config_changed compares: settings + code version."""
         return {"settings": self.settings(unit), "code": self.code_version()}
 
-    def manifest(self, unit: Unit) -> dict:
+    def manifest(self, unit: Unit, upstream_keys: dict[str, str] | None = None) -> dict:
+        """What the key is a digest of; upstream keys are read from the key
+        files unless given (planned_keys computes them before any build)."""
+        keys = upstream_keys if upstream_keys is not None else {s: unit.key(s) for s in self.upstream_of(unit)}
         return {
             "stage": self.name,
             **self.static_inputs(unit),
             "files": {name: _file_identity(path) for name, path in sorted(self.input_files(unit).items())},
-            "upstream": {s: unit.key(s) for s in self.upstream_of(unit)},
+            "upstream": {s: keys[s] for s in self.upstream_of(unit)},
         }
+
+
+def planned_keys(unit: Unit) -> dict[str, str]:
+    """The key every cached stage of this unit will have, computed from the
+    inputs alone (a key is a digest of inputs and upstream keys, never of
+    outputs), so it is known before anything is built."""
+    keys: dict[str, str] = {}
+
+    def key(name: str) -> str:
+        if name not in keys:
+            stage = STAGES[name]
+            owner = unit if stage.per_arch else unit.without_arch()
+            upstream = {s: key(s) for s in stage.upstream_of(owner)}
+            keys[name] = digest_json(stage.manifest(owner, upstream))
+        return keys[name]
+
+    for name, stage in STAGES.items():
+        if stage.cached and stage.applies(unit if stage.per_arch else unit.without_arch()):
+            key(name)
+    return keys
 
 
 def _file_identity(path: Path) -> list:

@@ -1,7 +1,8 @@
 """bootfiles: the deliverables of a target in dist/<target>/.
 
     kernel-<arch>.img  initramfs-<arch>.img       (targets with a kernel)
-    system-<arch>.img  and/or system-<arch>.cpio  (target.yaml `image:`)
+    system-<arch>.img  and/or system-<arch>.cpio  (target.yaml `image:`; the
+                                                   image with the build id appended)
     packages-<arch>.tsv                           (name, version, architecture)
     build-<arch>.json                             (target, build id, keys)
     boot/                                         (Raspberry Pi targets: the boot
@@ -11,7 +12,8 @@ Not cached: these are copies of cache entries, which already hold them once.
 doit re-runs this stage when an upstream key changed or a dist file is
 missing; each file is copied to a temporary name and renamed, so dist/ never
 holds a half-written file.  Copies, not hard links: a hook that signs or
-edits a file in dist/ must not reach into the cache.
+edits a file in dist/ must not reach into the cache.  The post-build hooks
+run last, on the host, with the dist directory.
 """
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ import json
 import os
 from pathlib import Path
 
-from .. import raspberrypi
-from ..cache import digest_file, digest_json, remove_tree
+from .. import buildid, hooks, raspberrypi
+from ..cache import digest_file, remove_tree
 from ..run import Log, run
 from . import Stage, Unit, register
+from .squashfs import image_name
 
 
 def _upstream(unit: Unit) -> tuple[str, ...]:
@@ -30,23 +33,19 @@ def _upstream(unit: Unit) -> tuple[str, ...]:
     return ("bootstrap", "configure", "squashfs", *kernel)
 
 
-def build_id(unit: Unit) -> str:
-    """Derived from what was built, so an unchanged build keeps its id."""
-    return digest_json([unit.key(s) for s in _upstream(unit) if s in ("squashfs", "initramfs")])[:16]
-
-
 @register
 class Bootfiles(Stage):
     name = "bootfiles"
     cached = False
-    helpers = ("hypersolid.raspberrypi",)
+    helpers = ("hypersolid.buildid", "hypersolid.hooks", "hypersolid.raspberrypi")
     doc = "dist/<target>/: kernel, initramfs, system image, package manifest, build info"
 
     def upstream_of(self, unit: Unit) -> tuple[str, ...]:
         return _upstream(unit)
 
     def files(self, unit: Unit) -> dict[str, tuple[str, str]]:
-        """dist name -> (stage, file in that stage's cache entry)."""
+        """dist name -> (stage, file in that stage's cache entry); the system
+        image files are made from the squashfs entry's image."""
         a, image = unit.arch, unit.target.image
         files = {}
         if unit.target.has_kernel(a):
@@ -54,15 +53,19 @@ class Bootfiles(Stage):
             files[f"initramfs-{a}.img"] = ("initramfs", "initramfs.img")
         for ext, wanted in (("img", ("img", "both")), ("cpio", ("cpio", "both"))):
             if image in wanted:
-                files[f"system-{a}.{ext}"] = ("squashfs", f"system-{a}.{ext}")
+                files[image_name(a, ext)] = ("squashfs", image_name(a))
         files[f"packages-{a}.tsv"] = ("squashfs", "packages.tsv")
         return files
 
     def settings(self, unit: Unit) -> dict:
         t = unit.target
         return {"arch": unit.arch, "files": {k: list(v) for k, v in self.files(unit).items()},
+                "build_id": buildid.build_id(unit.project, t, unit.cache),
                 "raspberrypi": [list(t.rpi_dtbs), list(t.rpi_consoles), list(t.rpi_config_txt),
                                 list(t.kernel_cmdline)] if self.pi_boot_dir(unit) else None}
+
+    def input_files(self, unit: Unit) -> dict[str, Path]:
+        return hooks.input_files(unit, "post-build")
 
     def pi_boot_dir(self, unit: Unit) -> Path | None:
         """dist/<target>/boot for a Raspberry Pi target with a kernel (boot-<arch>
@@ -78,20 +81,24 @@ class Bootfiles(Stage):
         return [unit.dist_dir / n for n in [*self.files(unit), f"build-{unit.arch}.json"]] + pi
 
     def build(self, unit: Unit, out: None, log: Log) -> None:
+        hooks.checked(unit, "post-build", log)
         dist = unit.dist_dir
         dist.mkdir(parents=True, exist_ok=True)
+        a, build = unit.arch, buildid.build_id(unit.project, unit.target, unit.cache)
         files = self.files(unit)
         for name, (stage, src) in files.items():
-            tmp = dist / f".{name}.tmp-{os.getpid()}"
-            run(["cp", "--reflink=auto", unit.output(stage) / src, tmp], log)
-            os.replace(tmp, dist / name)
-        a = unit.arch
-        for stale in (f"kernel-{a}.img", f"initramfs-{a}.img", f"system-{a}.img", f"system-{a}.cpio"):
+            if not name.startswith("system-"):
+                tmp = dist / f".{name}.tmp-{os.getpid()}"
+                run(["cp", "--reflink=auto", unit.output(stage) / src, tmp], log)
+                os.replace(tmp, dist / name)
+        self._system(unit, build, files, log)
+        for stale in (f"kernel-{a}.img", f"initramfs-{a}.img", image_name(a), image_name(a, "cpio")):
             if stale not in files and (dist / stale).exists():
                 log.note(f"# removing {stale}: this build no longer produces it")
                 (dist / stale).unlink()
         info = {
-            "target": unit.target.name, "arch": a, "build_id": build_id(unit),
+            "target": unit.target.name, "arch": a, "build_id": build,
+            "build_id_from": buildid.ENV if buildid.given() else "inputs",
             "package_set": unit.key("bootstrap"), "configured": unit.key("configure"),
             "image": unit.key("squashfs"),
             "files": {n: {"size": (dist / n).stat().st_size, "xxh3_128": digest_file(dist / n)}
@@ -107,6 +114,32 @@ class Bootfiles(Stage):
         tmp = dist / f".build-{a}.json.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, dist / f"build-{a}.json")
+        hooks.run_on_host(unit, "post-build", log, {"HYPERSOLID_DIST": str(dist.resolve()),
+                                                    "HYPERSOLID_BUILD_ID": build})
+
+    def _system(self, unit: Unit, build: str, files: dict, log: Log) -> None:
+        """The cached image, copied and stamped with the build id, then moved
+        into dist as .img and/or wrapped in a newc cpio (the boot script finds
+        it in the initramfs by name)."""
+        a, dist = unit.arch, unit.dist_dir
+        wanted = [n for n in files if n.startswith("system-")]
+        if not wanted:
+            return
+        work = dist / f".system-{a}.tmp-{os.getpid()}"
+        remove_tree(work)
+        work.mkdir()
+        try:
+            img = work / image_name(a)
+            run(["cp", "--reflink=auto", unit.output("squashfs") / image_name(a), img], log)
+            buildid.stamp_image(img, build, unit.target.name, a, log)
+            if image_name(a, "cpio") in wanted:
+                run(["sh", "-c", 'cd "$0" && echo "$1" | cpio --quiet -o -H newc > "$2"',
+                     work, img.name, work / image_name(a, "cpio")], log)
+                os.replace(work / image_name(a, "cpio"), dist / image_name(a, "cpio"))
+            if image_name(a) in wanted:
+                os.replace(img, dist / image_name(a))
+        finally:
+            remove_tree(work)
 
     def _pi_boot(self, unit: Unit, boot: Path, log: Log) -> None:
         """Built beside, then swapped in: the old boot/ stays whole until then."""

@@ -1,7 +1,8 @@
 """bootstrap: multistrap unpacks the target's packages into a tree.
 
-Only the package selection and its sources are inputs, so editing anything
-else never repeats this stage.  apt downloads through DebProxy, which keeps
+Only the package selection, its sources and the post-bootstrap hooks (run
+on the host against the unpacked tree) are inputs, so editing anything else
+never repeats this stage.  apt downloads through DebProxy, which keeps
 every .deb in the cache: a later bootstrap downloads only new packages.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import hooks
 from ..config import Target
 from ..debproxy import DebProxy
 from ..dpkg import host_version
@@ -51,13 +53,18 @@ def multistrap_ini(arch: str, directory: Path, sections: list[dict]) -> str:
 @register
 class Bootstrap(Stage):
     name = "bootstrap"
-    doc = "multistrap: the target's packages unpacked into a tree"
+    doc = "multistrap: the target's packages unpacked into a tree (post-bootstrap hooks)"
+    helpers = ("hypersolid.hooks",)
 
     def settings(self, unit: Unit) -> dict:
         return {"arch": unit.arch, "sections": sections_for(unit.target, unit.arch),
                 "multistrap": host_version("multistrap")}
 
+    def input_files(self, unit: Unit) -> dict[str, Path]:
+        return hooks.input_files(unit, "post-bootstrap")
+
     def build(self, unit: Unit, out: Path, log: Log) -> None:
+        hooks.checked(unit, "post-bootstrap", log)  # before minutes of work, not after
         tree = out / "tree"
         ini = out / "multistrap.ini"
         ini.write_text(multistrap_ini(unit.arch, tree, sections_for(unit.target, unit.arch)))
@@ -70,3 +77,4 @@ class Bootstrap(Stage):
         log.note(f"# downloaded {proxy.downloaded} bytes, reused {proxy.served_from_cache} bytes of cached packages")
         for leftover in (tree / "var/cache/apt").glob("*.bin"):
             leftover.unlink()
+        hooks.run_on_host(unit, "post-bootstrap", log, {"HYPERSOLID_TREE": str(tree.resolve())})

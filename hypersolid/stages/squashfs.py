@@ -1,5 +1,6 @@
 """squashfs: the configured tree + overlay + settings + post-configure hooks,
-packed with mksquashfs.
+packed with mksquashfs into system-<arch>.img (bootfiles wraps it in a cpio
+when the target wants one).
 
 Everything cheap to change lives here, so an overlay edit costs a tree copy
 and a compression run, never a configure.  The cached configured tree is
@@ -10,8 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import accounts
-from ..container import run_in
+from .. import accounts, hooks
 from ..dpkg import host_version, write_package_manifest
 from ..isolate import build_isolated, release_view, writable_view
 from ..run import Log, run
@@ -34,17 +34,14 @@ LEFTOVERS = (
     "etc/apt/apt.conf.d/*proxy*", "usr/sbin/policy-rc.d", "root/.bash_history",
 )
 
-HOOK_RUNNER = r"""#!/bin/sh
-set -u
-for hook in /.hypersolid/post-configure/*; do
-    [ -e "$hook" ] || continue
-    echo "hypersolid: post-configure hook ${hook##*/}"
-    status=0; "$hook" || status=$?
-    if [ "$status" -ne 0 ]; then
-        echo "hypersolid: hook post-configure.d/${hook##*/} failed with status $status"; exit 97
-    fi
-done
-"""
+# Where the running system finds the build id.  The cached image holds only
+# these links; bootfiles appends /.hypersolid/ with the id to the dist copy,
+# so a new id never needs a new image (see buildid.py).
+BUILD_ID_LINKS = {
+    "etc/hypersolid_build": "/.hypersolid/build",
+    "etc/issue.d/hypersolid.issue": "/.hypersolid/issue",  # the login banner (agetty)
+    "etc/motd.d/hypersolid": "/.hypersolid/motd",          # after login (pam_motd)
+}
 
 
 def image_name(arch: str, ext: str = "img") -> str:
@@ -68,7 +65,7 @@ def mksquashfs_args(compression: str, level: int | None) -> list[str]:
 class Squashfs(Stage):
     name = "squashfs"
     helpers = ("hypersolid.accounts", "hypersolid.container", "hypersolid.dpkg",
-               "hypersolid.isolate")
+               "hypersolid.hooks", "hypersolid.isolate")
     upstream = ("configure", "rootfs")
     doc = "system image: configured tree + overlay + users/services/hooks, packed by mksquashfs"
 
@@ -79,12 +76,12 @@ class Squashfs(Stage):
             "users": [[u.name, list(u.groups), u.sudo, u.password, u.shell] for u in t.users],
             "root_password": t.root_password,
             "services": {"enable": list(t.services_enable), "disable": list(t.services_disable)},
-            "compression": [t.compression, t.compression_level], "image": t.image,
-            "squashfs_tools": host_version("squashfs-tools"), "hook_runner": HOOK_RUNNER,
+            "compression": [t.compression, t.compression_level],
+            "squashfs_tools": host_version("squashfs-tools"), "build_id_links": BUILD_ID_LINKS,
         }
 
     def input_files(self, unit: Unit) -> dict[str, Path]:
-        return {f"post-configure.d/{h.name}": h for h in unit.target.hook_files("post-configure")}
+        return hooks.input_files(unit, "post-configure")
 
     def build(self, unit: Unit, out: Path, log: Log) -> None:
         build_isolated(self.name, unit, out, log)
@@ -95,11 +92,17 @@ class Squashfs(Stage):
         tree = writable_view(unit.output("configure") / "tree", work, log)
         copy_overlay(unit.without_arch().output("rootfs") / "tree", tree, log)
         self._settings(unit, tree, log)
-        self._hooks(unit, tree, log)
+        hooks.run_in_tree(unit, "post-configure", tree, log)
         write_package_manifest(tree, out / "packages.tsv")
         run(["sh", "-c", 'cd "$0" && rm -rf -- ' + " ".join(LEFTOVERS), tree], log)
         (tree / "boot").mkdir(exist_ok=True)
         (tree / "etc/machine-id").write_text("")
+        for link, dest in BUILD_ID_LINKS.items():
+            (tree / link).parent.mkdir(parents=True, exist_ok=True)
+            if os.path.lexists(tree / link):
+                (tree / link).unlink()
+            (tree / link).symlink_to(dest)
+        tree.chmod(0o755)
 
         image = out / image_name(unit.arch)
         t = unit.target
@@ -108,12 +111,6 @@ class Squashfs(Stage):
         size = image.stat().st_size
         if size < MIN_IMAGE_BYTES:
             raise log.fail(f"mksquashfs wrote only {size} bytes to {image.name} (disk full?)")
-        if t.image in ("cpio", "both"):
-            cpio = out / image_name(unit.arch, "cpio")
-            run(["sh", "-c", f'cd "$0" && echo {image.name} | cpio --quiet -o -H newc > "$1"',
-                 out, cpio], log)
-            if t.image == "cpio":
-                image.unlink()
         release_view(work, log)
 
     def _settings(self, unit: Unit, tree: Path, log: Log) -> None:
@@ -139,19 +136,3 @@ class Squashfs(Stage):
         for verb, units in (("enable", t.services_enable), ("disable", t.services_disable)):
             if units:
                 run(["systemctl", f"--root={tree}", verb, *units], log)
-
-    def _hooks(self, unit: Unit, tree: Path, log: Log) -> None:
-        hooks = unit.target.hook_files("post-configure")
-        if not hooks:
-            return
-        d = tree / ".hypersolid/post-configure"
-        d.mkdir(parents=True)
-        for hook in hooks:
-            if not os.access(hook, os.X_OK):
-                raise log.fail(f"hook {os.path.relpath(hook, unit.project.root)} is not executable (chmod +x it)")
-            run(["cp", "-p", hook, d / hook.name], log)
-        runner = d.parent / "run-post-configure"
-        runner.write_text(HOOK_RUNNER)
-        runner.chmod(0o755)
-        run_in(tree, ["/.hypersolid/run-post-configure"], log, unit.arch)
-
