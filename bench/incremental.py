@@ -7,7 +7,7 @@ For each target (default: qemu-amd64 and the emulated qemu-arm64), copies the
 project's targets/, rootfs/ and package into a scratch directory with a fresh
 cache (so the cold build downloads and builds everything), then
 times up to the target's dist/ files (bootfiles): cold build (per stage),
-no-op, one overlay file edited, the boot script edited, one package added
+no-op, one overlay file edited, a new HYPERSOLID_UUID, the boot script edited, one package added
 (with the bytes that second bootstrap downloaded), and a fresh checkout using
 the restored cache.  Prints a table and one JSON line.
 """
@@ -40,8 +40,11 @@ def make_checkout(dest: Path) -> Path:
     return dest
 
 
-def doit(checkout: Path, cache: Path, task: str) -> tuple[float, dict[str, float], str]:
-    env = {**os.environ, "HYPERSOLID_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+def doit(checkout: Path, cache: Path, task: str, build_id: str | None = None) -> tuple[float, dict[str, float], str]:
+    env = {k: v for k, v in os.environ.items() if k != "HYPERSOLID_UUID"}
+    env.update({"HYPERSOLID_CACHE": str(cache), "PYTHONPATH": str(REPO)})
+    if build_id:
+        env["HYPERSOLID_UUID"] = build_id
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "doit", task], cwd=checkout, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -77,6 +80,10 @@ def measure(target: str, args, scratch: Path) -> dict:
         return statistics.median(times)
 
     rows["overlay_edit"] = edited(checkout / "targets" / target / "rootfs/etc/motd", "bench edit")
+    # A new build id per build (CI): bootfiles only, the cache gets nothing new.
+    rows["new_build_id"] = statistics.median(doit(checkout, cache, task, f"bench-{i}")[0]
+                                             for i in range(args.repeat))
+    doit(checkout, cache, task)
     if any((checkout / "build" / target).glob("*/initramfs.key")):
         rows["boot_script_edit"] = edited(checkout / "hypersolid/initramfs/hypersolid", "# bench edit")
 

@@ -6,6 +6,10 @@ import time
 
 from doit.reporter import ConsoleReporter
 
+# (task name, BuildError or None, doit's failure) of this process's runs:
+# the hypersolid command reads it after running doit in-process.
+FAILURES: list[tuple] = []
+
 
 class TimingReporter(ConsoleReporter):
     desc = "doit's console output plus hypersolid stage timings"
@@ -35,6 +39,7 @@ class TimingReporter(ConsoleReporter):
 
     def add_failure(self, task, fail):
         self._finish(task, "FAILED")
+        FAILURES.append((task.name, getattr(fail, "error", None), fail))
         super().add_failure(task, fail)
 
     def skip_uptodate(self, task):

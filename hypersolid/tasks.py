@@ -62,12 +62,21 @@ def units(stage_name: str) -> list[Unit]:
     return out
 
 
+class StageFailed(TaskFailed):
+    """doit's failure, still carrying the BuildError (the hypersolid command
+    turns it into its one-line message and exit code)."""
+
+    def __init__(self, error: BuildError):
+        super().__init__(str(error))
+        self.error = error
+
+
 def run_stage(stage_name: str, unit: Unit):
     """The python-action: a BuildError becomes a clean doit failure."""
     try:
         return execute(stage_name, unit)
     except BuildError as err:
-        return TaskFailed(str(err))
+        return StageFailed(err)
 
 
 def _tasks(stage_name: str):

@@ -1,0 +1,350 @@
+"""The `hypersolid` command: the original tool's verbs over the doit graph.
+
+Every build is a run of the workspace's dodo.py task graph, in this process,
+exactly what `doit bootfiles:<target>` does; the command adds what doit has
+no word for: target paths, the workspace hooks in .hooks/, a shell in the
+configured tree, and cleaning one target.  See docs/cli.md.
+
+Exit status: 0 success, 1 a build stage failed, 2 bad usage or target,
+3 a hook failed, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from . import __version__, buildid, hooks, report
+from .cache import Cache, remove_tree
+from .config import ConfigError, Project, Target
+from .container import command, emulated, ensure_binfmt
+from .run import BuildError, HookError, Log, attached
+from .stages import STAGES, Unit, default_cache_dir, planned_keys
+
+OK, FAILED, USAGE, HOOK_FAILED, INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class Failure(Exception):
+    """Ends the command: one message, one exit status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+# --- the workspace and its targets ------------------------------------------
+
+def find_workspace(start: Path) -> Path:
+    """The nearest directory at or above start with dodo.py and targets/."""
+    for d in [start, *start.parents]:
+        if (d / "dodo.py").is_file() and (d / "targets").is_dir():
+            return d
+    raise Failure(f"no hypersolid workspace (dodo.py and targets/) at or above {start}; "
+                  "use -C DIR or run from the checkout", USAGE)
+
+
+def resolve(spec: str, workspace: str | None) -> tuple[Project, Target]:
+    """A target given by name (`rpi4`) or by directory (`targets/rpi4/`)."""
+    if "/" in spec or spec in (".", ".."):
+        d = Path(spec).resolve()
+        if not (d / "target.yaml").is_file():
+            raise Failure(f"{spec}: no target.yaml in {d}", USAGE)
+        if d.parent.name != "targets" or not (d.parent.parent / "dodo.py").is_file():
+            raise Failure(f"{spec}: a target directory is targets/<name>/ in a hypersolid workspace", USAGE)
+        root, name = d.parent.parent, d.name
+    else:
+        root = Path(workspace).resolve() if workspace else find_workspace(Path.cwd())
+        name = spec
+    project = Project(root)
+    try:
+        target = project.load(name)
+    except ConfigError as err:
+        raise Failure(f"bad target: {err}", USAGE) from None
+    if target.abstract:
+        raise Failure(f"target {name} is abstract (a base for other targets); buildable: "
+                      f"{', '.join(buildable_names(project))}", USAGE)
+    return project, target
+
+
+def buildable_names(project: Project) -> list[str]:
+    names = []
+    for name in project.target_names():
+        try:
+            if not project.load(name).abstract:
+                names.append(name)
+        except ConfigError:
+            pass
+    return names
+
+
+def cache_of(project: Project) -> Cache:
+    return Cache(default_cache_dir(project))
+
+
+def subtask(target: Target, arch: str) -> str:
+    from .tasks import subtask_name
+    return subtask_name(target, arch)
+
+
+def dist_dir(project: Project, target: Target) -> Path:
+    return project.root / "dist" / target.name
+
+
+def log_for(project: Project, target: Target, what: str) -> Log:
+    return Log(project.root / "build" / target.name / "logs" / f"{what}.log", what)
+
+
+# --- doit ---------------------------------------------------------------------
+
+def run_doit(project: Project, tasks: list[str], out=None) -> None:
+    """Run tasks of the workspace's dodo.py, as `doit` would; a failure
+    becomes one message naming the stage, the command and the log."""
+    from doit.cmd_base import DodoTaskLoader
+    from doit.doit_cmd import DoitMain
+    report.FAILURES.clear()
+    here = os.getcwd()
+    try:
+        main = DoitMain(DodoTaskLoader(), extra_config={"GLOBAL": {"outfile": out or sys.stdout}})
+        status = main.run(["run", "-f", str(project.root / "dodo.py"), *tasks])
+    finally:
+        os.chdir(here)  # doit changes into the workspace
+    if status == 0:
+        return
+    if not report.FAILURES:
+        raise Failure(f"doit {' '.join(tasks)} exited with status {status} (see above)", FAILED)
+    task, error, fail = report.FAILURES[0]
+    if error is None:
+        raise Failure(f"{task} failed: {fail.get_msg().strip().splitlines()[-1]}", FAILED)
+    parts = [f"stage {task} failed: {error.message}"]
+    if error.command:
+        parts.append(f"command: {shlex.join(error.command)}")
+    if error.log:
+        parts.append(f"log: {os.path.relpath(error.log)}")
+    raise Failure("; ".join(parts), HOOK_FAILED if isinstance(error, HookError) else FAILED)
+
+
+# --- workspace hooks ------------------------------------------------------------
+
+def built_id(project: Project, target: Target) -> str:
+    """The build id recorded in dist/ (one build: the same for every arch)."""
+    ids = {}
+    for arch in target.architectures:
+        info = dist_dir(project, target) / f"build-{arch}.json"
+        try:
+            ids[arch] = json.loads(info.read_text())["build_id"]
+        except (OSError, ValueError, KeyError):
+            raise Failure(f"{target.name} is not built for {arch} (no {os.path.relpath(info)}); "
+                          f"run: hypersolid build {target.name}", USAGE) from None
+    if len(set(ids.values())) > 1:
+        raise Failure(f"dist/{target.name} holds files of different builds ({ids}); "
+                      f"run: hypersolid build {target.name}", USAGE)
+    return next(iter(ids.values()))
+
+
+def hook_env(project: Project, target: Target, build: str) -> dict[str, str]:
+    return {"HYPERSOLID_TARGET": target.name,
+            "HYPERSOLID_ARCHITECTURES": " ".join(target.architectures),
+            "HYPERSOLID_DIST": str(dist_dir(project, target)),
+            "HYPERSOLID_BUILD_ID": build,
+            "HYPERSOLID_WORKSPACE": str(project.root),
+            "HYPERSOLID_TARGET_DIR": str(target.file.parent)}
+
+
+def workspace_hook(project: Project, target: Target, name: str, build: str) -> None:
+    log = log_for(project, target, f"hook-{name}")
+    try:
+        hooks.run_workspace_hook(project.root, name, hook_env(project, target, build), log)
+    except HookError as err:
+        raise Failure(f"{err.message}; command: {shlex.join(err.command or [])}; "
+                      f"log: {os.path.relpath(log.path)}", HOOK_FAILED) from None
+
+
+# --- verbs --------------------------------------------------------------------------
+
+def build(project: Project, target: Target) -> None:
+    start = time.monotonic()
+    try:
+        planned = buildid.build_id(project, target, cache_of(project))
+    except BuildError as err:
+        raise Failure(str(err), USAGE) from None
+    workspace_hook(project, target, "pre-build", planned)
+    run_doit(project, [f"bootfiles:{subtask(target, a)}" for a in target.architectures])
+    build = built_id(project, target)
+    workspace_hook(project, target, "post-build", build)
+    dist = dist_dir(project, target)
+    print(f"hypersolid: {target.name} built in {time.monotonic() - start:.1f}s, build id {build}; "
+          f"outputs in {os.path.relpath(dist)}/:")
+    for f in sorted(dist.iterdir()):
+        if f.name.startswith("."):
+            continue
+        size = f.stat().st_size if f.is_file() else sum(p.stat().st_size for p in f.rglob("*") if p.is_file())
+        print(f"  {f.name + ('/' if f.is_dir() else ''):<28} {size / 1e6:10.1f} MB")
+
+
+def sign(project: Project, target: Target) -> None:
+    workspace_hook(project, target, "codesigning", built_id(project, target))
+
+
+def deploy(project: Project, target: Target) -> None:
+    workspace_hook(project, target, "deploy", built_id(project, target))
+
+
+def build_deploy(project: Project, target: Target) -> None:
+    build(project, target)
+    sign(project, target)
+    deploy(project, target)
+
+
+def attach(project: Project, target: Target, arch: str | None) -> int:
+    """A shell in the configured tree, through an overlay in a private mount
+    namespace: what the shell changes is gone when it exits."""
+    if arch is None:
+        arch = target.architectures[0]
+    elif arch not in target.architectures:
+        raise Failure(f"{target.name} has no architecture {arch} (it has: {', '.join(target.architectures)})", USAGE)
+    run_doit(project, [f"configure:{subtask(target, arch)}"], out=sys.stderr)  # stdout is the shell's
+    unit = Unit(project, target, arch, cache_of(project))
+    log = log_for(project, target, "attach")
+    try:
+        tree = unit.output("configure") / "tree"
+        ensure_binfmt(arch, log)
+    except BuildError as err:
+        raise Failure(str(err), FAILED) from None
+    shell = "/bin/bash" if (tree / "bin/bash").exists() else "/bin/sh"
+    interactive = sys.stdin.isatty()
+    env = {"TERM": os.environ.get("TERM", "vt100")}
+    work = unit.build_dir / "attach" / str(os.getpid())
+    remove_tree(work)
+    for d in ("upper", "work", "merged"):
+        (work / d).mkdir(parents=True)
+    mount = ('mount -t overlay overlay -o "lowerdir=$1,upperdir=$2/upper,workdir=$2/work" "$2/merged" '
+             '&& shift 2 && exec "$@"')
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "attach", str(tree), str(work),
+            *command(work / "merged", [shell], env, console="interactive" if interactive else "pipe")]
+    if interactive:
+        print(f"hypersolid: shell in the configured tree of {target.name}/{arch}"
+              f"{' (emulated)' if emulated(arch) else ''}; changes are discarded on exit", flush=True)
+    try:
+        return attached(argv, log)
+    finally:
+        remove_tree(work)
+
+
+def clean(project: Project, target: Target, with_cache: bool) -> None:
+    dist = dist_dir(project, target)
+    if dist.exists():
+        remove_tree(dist)
+        print(f"hypersolid: removed {os.path.relpath(dist)}/")
+    else:
+        print(f"hypersolid: {os.path.relpath(dist)}/ does not exist")
+    if with_cache:
+        clean_cache(project, target)
+
+
+def entries_of(project: Project, target: Target, cache: Cache) -> set[tuple[str, str]]:
+    """(stage, key) of a target's cache entries: those its last build
+    recorded in build/<target>/ and those its current inputs would use."""
+    found = set()
+    for key_file in (project.root / "build" / target.name).rglob("*.key"):
+        found.add((key_file.stem, key_file.read_text().strip()))
+    for arch in target.architectures:
+        found |= set(planned_keys(Unit(project, target, arch, cache)).items())
+    return {(s, k) for s, k in found if s in STAGES and STAGES[s].cached}
+
+
+def clean_cache(project: Project, target: Target) -> None:
+    """Drop the target's entries, except those another target uses too."""
+    cache = cache_of(project)
+    mine = entries_of(project, target, cache)
+    shared: dict[tuple[str, str], list[str]] = {}
+    for name in project.target_names():
+        if name == target.name:
+            continue
+        try:
+            other = project.load(name)
+        except ConfigError:
+            continue
+        if other.abstract:
+            continue
+        for entry in entries_of(project, other, cache) & mine:
+            shared.setdefault(entry, []).append(name)
+    dropped = 0
+    for stage, key in sorted(mine - set(shared)):
+        entry = cache.entry(stage, key)
+        if entry.is_dir():
+            doomed = cache.tmp / f"drop-{stage}-{key[:12]}.{os.getpid()}"  # gone at once, removed after
+            cache.tmp.mkdir(parents=True, exist_ok=True)
+            os.rename(entry, doomed)
+            remove_tree(doomed)
+            dropped += 1
+    for key_file in (project.root / "build" / target.name).rglob("*.key"):
+        key_file.unlink()  # doit re-runs those stages next time
+        key_file.with_suffix(".manifest.json").unlink(missing_ok=True)
+    kept = sorted(f"{stage} (also {', '.join(names)})" for (stage, key), names in shared.items()
+                  if cache.entry(stage, key).is_dir())
+    print(f"hypersolid: dropped {dropped} cache entr{'y' if dropped == 1 else 'ies'} of {target.name}"
+          + (f"; kept shared: {'; '.join(kept)}" if kept else ""))
+
+
+# --- command line ---------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hypersolid", description="Build immutable Debian systems; every build runs the "
+        "doit task graph of the workspace (dodo.py).",
+        epilog="exit status: 0 ok, 1 a build stage failed, 2 bad usage or target, 3 a hook failed. "
+               "TARGET is a name (rpi4) or a directory (targets/rpi4/). See docs/cli.md.")
+    p.add_argument("--version", action="version", version=f"hypersolid {__version__}")
+    p.add_argument("-C", "--workspace", metavar="DIR",
+                   help="the checkout holding dodo.py and targets/ (default: found from the current directory)")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for name, text in (
+            ("build", "build every stage of TARGET for all its architectures (doit bootfiles:TARGET)"),
+            ("sign", "run the .hooks/codesigning hook on the built TARGET"),
+            ("deploy", "run the .hooks/deploy hook on the built TARGET"),
+            ("build-deploy", "build, sign and deploy TARGET"),
+            ("update", "the same as build-deploy"),
+            ("attach", "a shell in TARGET's configured tree (container; emulated if foreign); "
+                       "changes are discarded"),
+            ("clean", "remove dist/TARGET/; with --cache also TARGET's cache entries")):
+        v = verbs.add_parser(name, help=text, description=text)
+        v.add_argument("target", metavar="TARGET")
+        if name == "attach":
+            v.add_argument("--arch", help="which architecture's tree (default: the target's first)")
+        if name == "clean":
+            v.add_argument("--cache", action="store_true",
+                           help="also drop the target's cache entries (not those other targets share)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        project, target = resolve(args.target, args.workspace)
+        if args.verb == "build":
+            build(project, target)
+        elif args.verb == "sign":
+            sign(project, target)
+        elif args.verb == "deploy":
+            deploy(project, target)
+        elif args.verb in ("build-deploy", "update"):
+            build_deploy(project, target)
+        elif args.verb == "attach":
+            return attach(project, target, args.arch)
+        elif args.verb == "clean":
+            clean(project, target, args.cache)
+    except Failure as err:
+        print(f"hypersolid: {args.verb} {args.target}: {err}", file=sys.stderr)
+        return err.status
+    except KeyboardInterrupt:
+        print("hypersolid: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    return OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
