@@ -85,6 +85,10 @@ def _tasks(stage_name: str):
     for unit in units(stage_name):
         root = unit.project.root
         rel = lambda p: os.path.relpath(p, root)  # noqa: E731 - relative keys keep checkouts movable
+        try:
+            static = stage.static_inputs(unit)
+        except BuildError as err:  # e.g. a malformed HYPERSOLID_UUID: one line, no traceback
+            raise InvalidDodoFile(str(err)) from None
         yield {
             "name": subtask_name(unit.target, unit.arch),
             "doc": f"{stage.doc} [{unit.target.name}{'/' + unit.arch if unit.arch else ''}]",
@@ -92,7 +96,7 @@ def _tasks(stage_name: str):
             "file_dep": sorted(rel(p) for p in stage.input_files(unit).values())
                         + [rel(unit.key_file(s)) for s in stage.upstream_of(unit)],
             "targets": [rel(unit.key_file(stage_name))] + [rel(p) for p in stage.outputs(unit)],
-            "uptodate": [config_changed(stage.static_inputs(unit))],
+            "uptodate": [config_changed(static)],
             "clean": True,
             "verbosity": 1,
         }

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MIRROR, TestProject, mounts, needs_root_and_tools
+from conftest import TestProject, mounts, needs_root_and_tools, tiny_target
 from hypersolid.cache import describe_tree, digest_json
 
 pytestmark = pytest.mark.integration
@@ -81,16 +81,7 @@ def ws(tmp_path_factory, shared_cache) -> Workspace:
     if (shared_cache / "debs").is_dir():  # no second download of the same packages
         subprocess.run(["cp", "-al", str(shared_cache / "debs"), str(cache / "debs")], check=True)
     w = Workspace(tmp_path_factory.mktemp("workspace"), cache)
-    w.target("parent", f"""\
-        abstract: true
-        architectures: [amd64]
-        suite: bookworm
-        mirror: {MIRROR}
-        security_mirror: null
-        sections:
-          - name: debian
-            packages: [netbase]
-        """)
+    w.target("parent", tiny_target(extra="abstract: true\n"))
     w.target("child", "extends: [parent]\nhostname: child\n")
     w.target("other", "extends: [child]\nhostname: other\n")  # child's packages and hooks
     hooks = {"post-bootstrap": '"$HYPERSOLID_TREE"', "pre-configure": "", "post-configure": ""}
