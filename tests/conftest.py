@@ -139,5 +139,12 @@ def default_project(tmp_path_factory, shared_cache) -> TestProject:
     return p
 
 
+# Host setup a build may make once and leave (docs/build-graph.md): binfmt_misc
+# for qemu-user and the tmpfs nspawn needs.  Everything else must be undone.
+HOST_SETUP_MOUNTS = ("/proc/sys/fs/binfmt_misc", "/run/systemd/nspawn")
+
+
 def mounts() -> list[str]:
-    return Path("/proc/mounts").read_text().splitlines()
+    """The host's mounts, less the host setup a first build may add."""
+    return [m for m in Path("/proc/mounts").read_text().splitlines()
+            if m.split()[1] not in HOST_SETUP_MOUNTS]
