@@ -1,7 +1,7 @@
 """doit task generators: one task per stage, one subtask per target (and
 architecture).  Stages are chained through key files (file_dep), so a stage
 re-runs only when its own inputs changed, and settings enter through
-config_changed.  dodo.py re-exports what is here."""
+settings_changed.  dodo.py re-exports what is here."""
 from __future__ import annotations
 
 import os
@@ -11,6 +11,7 @@ from pathlib import Path
 from doit.exceptions import InvalidDodoFile, TaskFailed
 from doit.tools import config_changed
 
+from . import buildid
 from .cache import Cache
 from .checker import XxhashChecker
 from .config import ConfigError, Project, Target
@@ -79,16 +80,31 @@ def run_stage(stage_name: str, unit: Unit):
         return StageFailed(err)
 
 
+class settings_changed(config_changed):
+    """doit's config_changed over a stage's static inputs, computed when doit
+    checks the task instead of when it loads the graph: bootfiles' settings
+    hold the build id, a digest of every input of the target, which `doit
+    list` or a build of another target should not pay for."""
+
+    def __init__(self, stage, unit: Unit):
+        super().__init__({})
+        self.stage, self.unit = stage, unit
+
+    def _calc_digest(self):
+        self.config = self.stage.static_inputs(self.unit)
+        return super()._calc_digest()
+
+
 def _tasks(stage_name: str):
     stage = STAGES[stage_name]
+    try:
+        buildid.given()  # checked at load: one line, not a traceback from inside doit's checks
+    except BuildError as err:
+        raise InvalidDodoFile(str(err)) from None
     yield {"name": None, "doc": stage.doc}
     for unit in units(stage_name):
         root = unit.project.root
         rel = lambda p: os.path.relpath(p, root)  # noqa: E731 - relative keys keep checkouts movable
-        try:
-            static = stage.static_inputs(unit)
-        except BuildError as err:  # e.g. a malformed HYPERSOLID_UUID: one line, no traceback
-            raise InvalidDodoFile(str(err)) from None
         yield {
             "name": subtask_name(unit.target, unit.arch),
             "doc": f"{stage.doc} [{unit.target.name}{'/' + unit.arch if unit.arch else ''}]",
@@ -96,7 +112,7 @@ def _tasks(stage_name: str):
             "file_dep": sorted(rel(p) for p in stage.input_files(unit).values())
                         + [rel(unit.key_file(s)) for s in stage.upstream_of(unit)],
             "targets": [rel(unit.key_file(stage_name))] + [rel(p) for p in stage.outputs(unit)],
-            "uptodate": [config_changed(static)],
+            "uptodate": [settings_changed(stage, unit)],
             "clean": True,
             "verbosity": 1,
         }
