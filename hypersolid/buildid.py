@@ -2,7 +2,8 @@
 
 Given as HYPERSOLID_UUID, or else derived from the planned keys of the
 target's squashfs and initramfs stages on every architecture, so an
-unchanged build keeps its id and any change to what boots gets a new one.
+unchanged build keeps its id and any change to what boots gets a new one
+(stages.build_id computes it).
 
 A per-build id must not cost a new image: the cached squashfs only holds
 links (/etc/hypersolid_build, the login banner) to /.hypersolid/, and
@@ -13,10 +14,9 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from pathlib import Path
 
-from .cache import digest_json, remove_tree
+from .cache import remove_tree
 from .run import BuildError, Log, run
 
 ENV = "HYPERSOLID_UUID"
@@ -33,19 +33,6 @@ def given() -> str | None:
         raise BuildError("build id", f"{ENV}={value!r} is not usable: letters, digits and . _ : + - "
                          "only, at most 128 characters (a UUID is fine)")
     return value
-
-
-def build_id(project, target, cache) -> str:
-    """HYPERSOLID_UUID, else a UUID-shaped digest of what will boot."""
-    from .stages import Unit, planned_keys
-    value = given()
-    if value:
-        return value
-    parts = []
-    for arch in target.architectures:
-        keys = planned_keys(Unit(project, target, arch, cache))
-        parts.append([arch, keys["squashfs"], keys.get("initramfs")])
-    return str(uuid.UUID(hex=digest_json(parts)))
 
 
 def stamp_files(build: str, target: str, arch: str) -> dict[str, str]:

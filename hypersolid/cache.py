@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -65,10 +66,29 @@ def describe_tree(root: Path) -> dict[str, list]:
     return out
 
 
+class CacheError(Exception):
+    """The cache directory cannot be used (one line, no traceback)."""
+
+
 class Cache:
     def __init__(self, root: Path | str):
         self.root = Path(root)
         self.tmp = self.root / "tmp"
+
+    def check(self) -> None:
+        """The cache must be (or become) a writable directory."""
+        where = f"cache {self.root} (HYPERSOLID_CACHE or ./cache)"
+        if self.root.exists() and not self.root.is_dir():
+            raise CacheError(f"{where} is not a directory")
+        try:
+            # Root-only when new: entries hold setuid binaries and the images' shadow files.
+            self.root.mkdir(parents=True, mode=0o700)
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise CacheError(f"{where} cannot be created: {err.strerror}") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise CacheError(f"{where} is not writable (read-only file system?)")
 
     def entry(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -115,9 +135,38 @@ class Cache:
                 remove_tree(work)
 
 
+# A temporary name that carries its writer's pid: `.<name>.tmp-<pid>` (or
+# .old-<pid>, optionally -<hex>), so a sweep knows when its writer is gone.
+LEFTOVER = re.compile(r"\..+\.(tmp|old)-(\d+)(-[0-9a-f]+)?")
+
+
+def temp_name(path: Path, kind: str = "tmp") -> Path:
+    """A sibling of path to write before an atomic rename (see LEFTOVER)."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(3)}")
+
+
+def sweep_leftovers(directory: Path) -> list[Path]:
+    """Remove temporary files and dirs of dead writers in directory (not
+    recursive): what a kill or a full disk left in dist/ or cache/debs."""
+    swept = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return swept
+    for name in names:
+        m = LEFTOVER.fullmatch(name)
+        if m and int(m.group(2)) != os.getpid() and not os.path.exists(f"/proc/{m.group(2)}"):
+            remove_tree(Path(directory) / name)
+            swept.append(Path(directory) / name)
+    return swept
+
+
 def remove_tree(path: Path) -> None:
     """rmtree that also copes with read-only directories in built trees."""
     if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path) or os.path.islink(path):
+        os.unlink(path)
         return
 
     def onerror(func, p, exc):

@@ -6,7 +6,7 @@ no word for: target paths, the workspace hooks in .hooks/, a shell in the
 configured tree, and cleaning one target.  See docs/cli.md.
 
 Exit status: 0 success, 1 a build stage failed, 2 bad usage or target,
-3 a hook failed, 130 interrupted.
+3 a hook failed, 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP).
 """
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, buildid, hooks, report
+from . import __version__, hooks, lock, report
 from .cache import Cache, remove_tree
 from .config import ConfigError, Project, Target
-from .container import command, emulated, ensure_binfmt
-from .run import BuildError, HookError, Log, attached
-from .stages import STAGES, Unit, default_cache_dir, planned_keys
+from .container import emulated, ensure_binfmt, run_in
+from .mounts import writable_view
+from .run import BuildError, HookError, Log, install_signal_handlers, interrupted_status, isolated
+from .stages import STAGES, Unit, build_id, default_cache_dir, planned_keys
 
-OK, FAILED, USAGE, HOOK_FAILED, INTERRUPTED = 0, 1, 2, 3, 130
+OK, FAILED, USAGE, HOOK_FAILED = 0, 1, 2, 3
 
 
 class Failure(Exception):
@@ -165,10 +166,19 @@ def workspace_hook(project: Project, target: Target, name: str, build: str) -> N
 
 # --- verbs --------------------------------------------------------------------------
 
+def hold_checkout(project: Project) -> None:
+    """The checkout's build lock, before any hook or stage runs."""
+    try:
+        lock.acquire(project.root / "build")
+    except lock.Busy as err:
+        raise Failure(str(err), FAILED) from None
+
+
 def build(project: Project, target: Target) -> None:
     start = time.monotonic()
+    hold_checkout(project)
     try:
-        planned = buildid.build_id(project, target, cache_of(project))
+        planned = build_id(project, target, cache_of(project))
     except BuildError as err:
         raise Failure(str(err), USAGE) from None
     workspace_hook(project, target, "pre-build", planned)
@@ -206,6 +216,7 @@ def attach(project: Project, target: Target, arch: str | None) -> int:
         arch = target.architectures[0]
     elif arch not in target.architectures:
         raise Failure(f"{target.name} has no architecture {arch} (it has: {', '.join(target.architectures)})", USAGE)
+    hold_checkout(project)
     run_doit(project, [f"configure:{subtask(target, arch)}"], out=sys.stderr)  # stdout is the shell's
     unit = Unit(project, target, arch, cache_of(project))
     log = log_for(project, target, "attach")
@@ -219,19 +230,21 @@ def attach(project: Project, target: Target, arch: str | None) -> int:
     env = {"TERM": os.environ.get("TERM", "vt100")}
     work = unit.build_dir / "attach" / str(os.getpid())
     remove_tree(work)
-    for d in ("upper", "work", "merged"):
-        (work / d).mkdir(parents=True)
-    mount = ('mount -t overlay overlay -o "lowerdir=$1,upperdir=$2/upper,workdir=$2/work" "$2/merged" '
-             '&& shift 2 && exec "$@"')
-    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "attach", str(tree), str(work),
-            *command(work / "merged", [shell], env, console="interactive" if interactive else "pipe")]
     if interactive:
         print(f"hypersolid: shell in the configured tree of {target.name}/{arch}"
               f"{' (emulated)' if emulated(arch) else ''}; changes are discarded on exit", flush=True)
     try:
-        return attached(argv, log)
+        return isolated(_shell, tree, work, shell, arch, env, "interactive" if interactive else "pipe", log,
+                        foreground=True)
     finally:
         remove_tree(work)
+
+
+def _shell(tree: Path, work: Path, shell: str, arch: str, env: dict, console: str, log: Log) -> int:
+    """In attach's private mount namespace: the shell on an overlay of the tree."""
+    merged = writable_view(tree, work, log)
+    return run_in(merged, [shell], log, arch, env, check=False, console="terminal",
+                  nspawn_console=console).returncode
 
 
 def clean(project: Project, target: Target, with_cache: bool) -> None:
@@ -315,6 +328,9 @@ def parser() -> argparse.ArgumentParser:
         v.add_argument("target", metavar="TARGET")
         if name == "attach":
             v.add_argument("--arch", help="which architecture's tree (default: the target's first)")
+        if name in ("build", "build-deploy", "update", "attach"):
+            v.add_argument("--no-wait", action="store_true",
+                           help="fail at once if another build runs in this checkout (default: wait)")
         if name == "clean":
             v.add_argument("--cache", action="store_true",
                            help="also drop the target's cache entries (not those other targets share)")
@@ -323,6 +339,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    install_signal_handlers()
+    if getattr(args, "no_wait", False):
+        os.environ[lock.NO_WAIT] = "1"
     try:
         project, target = resolve(args.target, args.workspace)
         if args.verb == "build":
@@ -340,9 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     except Failure as err:
         print(f"hypersolid: {args.verb} {args.target}: {err}", file=sys.stderr)
         return err.status
-    except KeyboardInterrupt:
-        print("hypersolid: interrupted", file=sys.stderr)
-        return INTERRUPTED
+    except KeyboardInterrupt as err:  # SIGINT, SIGTERM or SIGHUP (run.Interrupted)
+        print(f"hypersolid: {args.verb} {args.target}: {err or 'interrupted'}; the running stage was "
+              "stopped and kept nothing half-built", file=sys.stderr)
+        return interrupted_status(err)
     return OK
 
 

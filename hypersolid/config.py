@@ -249,6 +249,7 @@ SETTINGS = Record(
         extra_modules=Field(ListOf(Str(r"[A-Za-z0-9_\-]+", "a kernel module name")), [], "union"),
     ), {}, "record"),
     kernel_cmdline=Field(ListOf(Str(r"\S+", "a kernel parameter (no spaces)")), [], "union"),
+    hook_timeout=Field(Int(1, 7 * 24 * 3600), 3600),
     raspberrypi=Field(Record(
         dtbs=Field(ListOf(Str(r"[A-Za-z0-9_.\-]+\.dtb", "a device tree file name such as bcm2711-rpi-4-b.dtb")),
                    [], "union"),
@@ -349,6 +350,7 @@ class Target:
     initramfs_modules: str
     initramfs_extra_modules: tuple[str, ...]
     kernel_cmdline: tuple[str, ...]
+    hook_timeout: int                    # seconds a stage hook may run (not in any key)
     rpi_dtbs: tuple[str, ...]            # non-empty: a Raspberry Pi target (dist/<t>/boot/)
     rpi_consoles: tuple[str, ...]
     rpi_config_txt: tuple[str, ...]
@@ -500,6 +502,7 @@ def _load_target(targets_dir: Path, name: str) -> Target:
         initramfs_modules=v["initramfs"]["modules"],
         initramfs_extra_modules=tuple(v["initramfs"]["extra_modules"]),
         kernel_cmdline=tuple(v["kernel_cmdline"]),
+        hook_timeout=v["hook_timeout"],
         rpi_dtbs=tuple(v["raspberrypi"]["dtbs"]),
         rpi_consoles=tuple(v["raspberrypi"]["consoles"]),
         rpi_config_txt=tuple(v["raspberrypi"]["config_txt"]),

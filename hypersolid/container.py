@@ -1,9 +1,10 @@
 """Run commands inside a target tree: systemd-nspawn, or a chroot in a private
 mount and PID namespace when nspawn is unavailable.
 
-Neither leaves a mount on the host: nspawn's mounts live in its own
-namespace, and the fallback's proc/sys/dev mounts die with `unshare`'s
-namespace however the process ends.  Foreign-architecture binaries run
+Neither leaves a mount or a process on the host: both are argv prefixes
+for the runner, which starts them in a PID and mount namespace of their
+own (nspawn adds its own; the fallback's proc/sys/dev mounts die with the
+runner's), killed as a whole on a signal, a timeout or doit's death.  Foreign-architecture binaries run
 through the host's binfmt_misc qemu-user handlers (registered with the F
 flag, so nothing is copied into the tree).
 """
@@ -45,13 +46,15 @@ def backend() -> str:
     return "nspawn" if shutil.which("systemd-nspawn") else "chroot"
 
 
-def _ensure_nspawn_runtime() -> None:
+def _ensure_nspawn_runtime(log: Log) -> None:
     """nspawn needs a writable /run/systemd/nspawn; on this kind of host (PID 1
-    is not systemd) it is a tmpfs we mount once and leave for later builds."""
+    is not systemd) it is a tmpfs we mount once and leave for later builds
+    (from a stage's private mount namespace it lasts as long as that).
+    Host setup, like binfmt_misc."""
     if os.path.ismount(NSPAWN_RUNTIME):
         return
     NSPAWN_RUNTIME.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(NSPAWN_RUNTIME)], check=True)
+    run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", NSPAWN_RUNTIME], log, contain=False)
 
 
 @lru_cache(maxsize=None)
@@ -76,10 +79,10 @@ def ensure_binfmt(arch: str, log: Log) -> None:
     name = f"qemu-{QEMU_USER[arch]}"
     entry = BINFMT_DIR / name
     if not (BINFMT_DIR / "status").exists():
-        run(["mount", "-t", "binfmt_misc", "binfmt_misc", BINFMT_DIR], log, check=False)
+        run(["mount", "-t", "binfmt_misc", "binfmt_misc", BINFMT_DIR], log, check=False, contain=False)
     if not entry.exists() and shutil.which("update-binfmts") and Path(f"/usr/share/binfmts/{name}").exists():
         log.note(f"# registering the binfmt_misc handler {name} for {arch}")
-        run(["update-binfmts", "--enable", name], log, check=False)
+        run(["update-binfmts", "--enable", name], log, check=False, contain=False)
     install = "apt-get install qemu-user-static binfmt-support (or ./setup.sh --no-build)"
     if not entry.exists():
         raise log.fail(f"{arch} binaries cannot run on this {host_arch()} host: no binfmt_misc handler "
@@ -93,15 +96,16 @@ def ensure_binfmt(arch: str, log: Log) -> None:
                        f"interpreter would have to be inside the tree; use qemu-user-static's handlers: {install}")
 
 
-def command(tree: Path, argv: Sequence[str], env: Mapping[str, str] | None = None,
+def command(tree: Path, argv: Sequence[str], log: Log, env: Mapping[str, str] | None = None,
             console: str | None = None) -> list[str]:
-    """The command line that runs argv with tree as its root.  console:
-    nspawn's --console mode (None: its default; attach passes interactive
-    or pipe so a terminal or piped stdin reaches the shell)."""
+    """The command line that runs argv with tree as its root: a sandbox
+    prefix for the runner.  console: nspawn's --console mode (None: its
+    default; attach passes interactive or pipe so a terminal or piped stdin
+    reaches the shell)."""
     full_env = {**CONTAINER_ENV, **(env or {})}
     tree = Path(tree).resolve()
     if backend() == "nspawn":
-        _ensure_nspawn_runtime()
+        _ensure_nspawn_runtime(log)
         cmd = ["systemd-nspawn", "--register=no", "--keep-unit", "--quiet", "--as-pid2",
                "--resolv-conf=off", "--timezone=off", "--link-journal=no",
                f"--machine=hs-{os.getpid()}", "-D", str(tree)]
@@ -110,17 +114,20 @@ def command(tree: Path, argv: Sequence[str], env: Mapping[str, str] | None = Non
         return cmd + ["--", *argv]
     setup = ('mount -t proc proc "$0/proc" && mount -t sysfs sysfs "$0/sys" && '
              'mount --rbind /dev "$0/dev" && exec chroot "$0" "$@"')
-    return ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
-            "sh", "-c", setup, str(tree), "/usr/bin/env", "-i",
+    # The runner's own PID and mount namespaces hold these mounts.
+    return ["sh", "-c", setup, str(tree), "/usr/bin/env", "-i",
             *[f"{k}={v}" for k, v in full_env.items()], *argv]
 
 
 def run_in(tree: Path, argv: Sequence[str], log: Log, arch: str, env: Mapping[str, str] | None = None,
-           check: bool = True) -> subprocess.CompletedProcess:
+           check: bool = True, timeout: float | None = None, console: str = "log",
+           nspawn_console: str | None = None) -> subprocess.CompletedProcess:
     """Run argv (a path inside the tree, whose binaries are for `arch`) with
-    tree as its root, output to the log."""
+    tree as its root, through the runner (output to the log, killed with
+    everything under it on a signal or past `timeout`)."""
     ensure_binfmt(arch, log)
-    return run(command(tree, argv, env), log, check=check)
+    return run(command(tree, argv, log, env, nspawn_console), log, check=check, timeout=timeout,
+               console=console)
 
 
 def install_script(tree: Path, name: str, text: str) -> str:

@@ -10,8 +10,10 @@ from .run import output
 
 @lru_cache(maxsize=None)  # once per run: task creation is on the no-op path
 def host_version(package: str) -> str:
-    """Version of a host tool's package; part of the keys of stages it shapes."""
-    return output(["dpkg-query", "-W", "-f=${Version}", package]).strip() or "unknown"
+    """Version of a host tool's package; part of the keys of stages it shapes.
+    A missing package is a version too ("not installed"): the stage that
+    runs the tool then says what is not installed, in one line."""
+    return output(["dpkg-query", "-W", "-f=${Version}", package], default="").strip() or "not installed"
 
 
 def read_status(tree: Path) -> list[dict[str, str]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .container import run_in
-from .run import HookError, Log, run, tee
+from .run import CommandTimeout, HookError, Log, run
 
 STAGE_OF = {"post-bootstrap": "bootstrap", "pre-configure": "configure",
             "post-configure": "squashfs", "post-build": "bootfiles"}
@@ -53,12 +53,25 @@ def base_env(unit, kind: str) -> dict[str, str]:
             "HYPERSOLID_HOOK": kind}
 
 
+def _timed(unit, hook: Path, log: Log, start) -> int:
+    """Run one hook within the target's hook_timeout: past it, the hook is
+    killed with everything it started (its container too) and the stage
+    fails naming the hook and the limit."""
+    limit = unit.target.hook_timeout
+    try:
+        return start(limit).returncode
+    except CommandTimeout:
+        raise log.fail(f"hook {_rel(unit, hook)} did not finish within hook_timeout ({limit} s) and was "
+                       "killed", error=HookError) from None
+
+
 def run_on_host(unit, kind: str, log: Log, env: Mapping[str, str]) -> None:
     """Run host-side stage hooks in order (cwd: the project root)."""
     for hook in checked(unit, kind, log):
         log.note(f"# {kind} hook {hook.name}")
-        status = run([hook], log, env={**base_env(unit, kind), **env}, cwd=unit.project.root,
-                     check=False).returncode
+        status = _timed(unit, hook, log, lambda limit: run(
+            [hook], log, env={**base_env(unit, kind), **env}, cwd=unit.project.root, check=False,
+            timeout=limit))
         if status != 0:
             raise log.fail(f"hook {_rel(unit, hook)} failed with exit status {status}", [str(hook)],
                            error=HookError)
@@ -77,8 +90,9 @@ def run_in_tree(unit, kind: str, tree: Path, log: Log, env: Mapping[str, str] | 
     for hook in hooks:
         log.note(f"# {kind} hook {hook.name}")
         argv = [f"/{inside}/{hook.name}"]
-        status = run_in(tree, argv, log, unit.arch, env={**base_env(unit, kind), **(env or {})},
-                        check=False).returncode
+        status = _timed(unit, hook, log, lambda limit: run_in(
+            tree, argv, log, unit.arch, env={**base_env(unit, kind), **(env or {})}, check=False,
+            timeout=limit))
         if status != 0:
             raise log.fail(f"hook {_rel(unit, hook)} failed with exit status {status}", argv,
                            error=HookError)
@@ -97,7 +111,7 @@ def run_workspace_hook(root: Path, name: str, env: Mapping[str, str], log: Log) 
     if not os.access(hook, os.X_OK):
         raise log.fail(f"hook {shown} is not executable (chmod +x it)", error=HookError)
     print(f"hypersolid: running {shown}", flush=True)
-    status = tee([hook], log, env={**os.environ, **env}, cwd=root)
+    status = run([hook], log, env={**os.environ, **env}, cwd=root, check=False, console="tee").returncode
     if status != 0:
         raise log.fail(f"hook {shown} failed with exit status {status}", [str(hook)], error=HookError)
     return True

@@ -11,7 +11,6 @@ is always killed when the `with` block ends, whether it ended normally, with an
 exception or with Ctrl-C, so a failing test never leaves a qemu process behind.
 """
 
-import ctypes
 import os
 import re
 import select
@@ -19,17 +18,13 @@ import subprocess
 import time
 from collections import deque
 
+from .run import spawn
+
 # Per Debian architecture: the qemu command and the kernel console device.
 MACHINES = {
     "amd64": (["qemu-system-x86_64", "-machine", "q35"], "ttyS0"),
     "arm64": (["qemu-system-aarch64", "-machine", "virt", "-cpu", "cortex-a57"], "ttyAMA0"),
 }
-
-
-def _die_with_parent():
-    """In the child before exec: the kernel SIGKILLs qemu when the test process
-    dies, even by SIGKILL, where no Python cleanup could run."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
 
 
 class QemuError(AssertionError):
@@ -75,12 +70,12 @@ class Qemu:
         return cmd + self.extra
 
     def start(self):
-        # Own session: a Ctrl-C in the terminal reaches pytest, not qemu, and
-        # close() decides how qemu ends.
-        self.proc = subprocess.Popen(
-            self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent)
+        # Through the runner's spawn: its own process group (a Ctrl-C in the
+        # terminal reaches pytest, not qemu, and close() decides how qemu
+        # ends), and killed by the kernel when the test process dies, even
+        # by SIGKILL, where no Python cleanup could run.
+        self.proc = spawn(self.command(), contain=False, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
         self.started = time.monotonic()
         self._log = open(self.log_path, "w") if self.log_path else None
         return self

@@ -2,13 +2,35 @@
 then a summary with how long each executed stage took."""
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 from doit.reporter import ConsoleReporter
 
+from .run import Interrupted, interrupted_status
+
 # (task name, BuildError or None, doit's failure) of this process's runs:
 # the hypersolid command reads it after running doit in-process.
 FAILURES: list[tuple] = []
+
+
+def install_excepthook() -> None:
+    """An interruption that reaches the top of plain `doit` (doit lets
+    KeyboardInterrupt through, after saving its database and printing the
+    timings) is one line and exit 128+N, not a 50-line traceback."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if not issubclass(kind, KeyboardInterrupt):
+            return previous(kind, value, tb)
+        sys.stdout.flush()
+        what = value if isinstance(value, Interrupted) else "interrupted"
+        print(f"hypersolid: {what}; the running stage was stopped and kept nothing half-built",
+              file=sys.stderr, flush=True)
+        os._exit(interrupted_status(value))
+
+    sys.excepthook = hook
 
 
 class TimingReporter(ConsoleReporter):

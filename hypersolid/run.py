@@ -3,16 +3,36 @@
 Output goes to the stage's log file, never to the console, so doit's own
 lines stay readable; a failure raises BuildError naming the stage, the exact
 command (pasteable) and the log, with the log's tail.
+
+The runner also owns the lifetime of what it starts, so a build never
+leaves a process behind:
+- every child gets PR_SET_PDEATHSIG=SIGKILL: a `kill -9` of doit kills it;
+- a build command runs as PID 1's child in its own PID namespace
+  (`unshare --pid --kill-child`), so when it dies everything it started
+  dies with it, however deep (apt under multistrap, dpkg under nspawn,
+  qemu-user);
+- it runs in its own process group; SIGINT, SIGTERM and SIGHUP reach only
+  hypersolid (`install_signal_handlers`), which raises `Interrupted`, kills
+  the group and lets the cache remove the half-built entry;
+- a timeout kills it the same way.
+
+`isolated` runs a Python function in a forked child inside a private mount
+namespace: a stage that mounts (an overlay over a cached tree) says so
+with `isolated = True`, and its mounts vanish with the child however it ends.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import pickle
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 # A fixed, minimal environment: builds must not depend on the caller's locale
 # or leak its variables into the image.
@@ -22,6 +42,14 @@ BASE_ENV = {
     "LANG": "C.UTF-8",
     "HOME": "/root",
 }
+# A build command's own PID namespace: when unshare dies (killed, or its
+# parent killed), the kernel kills every process in it.
+CONTAIN = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+CLONE_NEWNS = 0x00020000
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
 
 
 class BuildError(Exception):
@@ -32,13 +60,16 @@ class BuildError(Exception):
         self.stage, self.message, self.command, self.log = stage, message, command, log
         super().__init__(str(self))
 
+    def __reduce__(self):  # crosses the pipe from an isolated child
+        return (type(self), (self.stage, self.message, self.command, self.log))
+
     def __str__(self) -> str:
         lines = [f"{self.stage}: {self.message}"]
         if self.command:
             lines.append(f"  command: {shlex.join(self.command)}")
         if self.log:
             lines.append(f"  log: {self.log}")
-            tail = _tail(self.log)
+            tail = tail_of(self.log)
             if tail:
                 lines.append("  last lines of the log:")
                 lines += [f"    {line}" for line in tail]
@@ -50,7 +81,41 @@ class HookError(BuildError):
     is what to look at (the command line exits 3 for these)."""
 
 
-def _tail(log: Path, count: int = 15) -> list[str]:
+class CommandTimeout(BuildError):
+    """A command ran past its time limit and was killed with all it started."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP reached hypersolid.  A KeyboardInterrupt, so
+    doit still saves its database and every `finally` runs on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def status(self) -> int:
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        return f"interrupted by {signal.Signals(self.signum).name}"
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """Turn the stop signals into Interrupted in the main thread (once)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupted)
+
+
+def interrupted_status(exc: BaseException) -> int:
+    return exc.status if isinstance(exc, Interrupted) else 128 + signal.SIGINT
+
+
+def tail_of(log: Path, count: int = 15) -> list[str]:
     try:
         with open(log, "rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
@@ -78,63 +143,163 @@ class Log:
         return error(self.stage, message, command, self.path)
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL when the thread that started us dies."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def spawn(argv: Sequence[str], *, contain: bool = True, own_group: bool = True, env=None,
+          **popen) -> subprocess.Popen:
+    """Start argv tied to this process's lifetime (see the module doc).
+    contain=False for commands that must act on the caller's mount
+    namespace (mount, umount) or are quick queries; own_group=False for
+    programs on the caller's terminal (they must stay in its foreground
+    group to read it)."""
+    argv = [os.fspath(a) for a in argv]
+    return subprocess.Popen([*CONTAIN, *argv] if contain else argv, env=env,
+                            preexec_fn=_die_with_parent, process_group=0 if own_group else None, **popen)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill proc and its process group (for a contained command: its whole
+    PID namespace) and reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+    proc.wait()
+
+
 def run(argv: Sequence[str], log: Log, *, env: Mapping[str, str] | None = None,
         cwd: Path | None = None, input: bytes | None = None, check: bool = True,
-        capture: bool = False) -> subprocess.CompletedProcess:
-    """Run argv with output appended to `log`; raise BuildError on failure.
+        capture: bool = False, timeout: float | None = None, contain: bool = True,
+        console: str = "log") -> subprocess.CompletedProcess:
+    """Run argv, its output appended to `log`; raise BuildError on failure.
 
-    With capture=True stdout is returned (stderr still goes to the log).
-    """
+    capture=True returns stdout (stderr still goes to the log).  console:
+    "log" (default), "tee" (also on the console: hooks the user watches) or
+    "terminal" (the caller's terminal: a VM or a shell).  A run past
+    `timeout` seconds is killed with everything it started and raises
+    CommandTimeout."""
     argv = [os.fspath(a) for a in argv]
-    full_env = {**BASE_ENV, **(env or {})}
     log.note(f"$ {shlex.join(argv)}")
     start = time.monotonic()
+    terminal = console == "terminal"
     with open(log.path, "ab") as out:
         try:
-            proc = subprocess.run(argv, env=full_env, cwd=cwd, input=input,
-                                  stdin=None if input is not None else subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE if capture else out, stderr=out)
+            proc = spawn(argv, contain=contain, own_group=not terminal, env={**BASE_ENV, **(env or {})}
+                         if not terminal else None, cwd=cwd,
+                         stdin=None if terminal else subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                         stdout=None if terminal else subprocess.PIPE if capture or console == "tee" else out,
+                         stderr=None if terminal else subprocess.STDOUT if console == "tee" else out)
         except FileNotFoundError:
             raise log.fail(f"{argv[0]} is not installed (see README: setup)", argv) from None
+        try:
+            if console == "tee":
+                for line in proc.stdout:
+                    out.write(line)
+                    out.flush()
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.flush()
+                proc.wait(timeout)
+                stdout = b""
+            else:
+                stdout, _ = proc.communicate(input, timeout)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            log.note(f"# killed after {timeout:g}s: over its time limit")
+            raise log.fail(f"command did not finish within {timeout:g} s and was killed",
+                           argv, error=CommandTimeout) from None
+        except BaseException:
+            stop(proc)
+            log.note(f"# killed after {time.monotonic() - start:.1f}s: the build was stopped")
+            raise
+    if contain and proc.returncode == 127 and not _exists(argv[0], env):
+        raise log.fail(f"{argv[0]} is not installed (see README: setup)", argv)
     log.note(f"# exit {proc.returncode} after {time.monotonic() - start:.1f}s")
     if check and proc.returncode != 0:
         raise log.fail(f"command exited with status {proc.returncode}", argv)
-    return proc
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout or b"")
 
 
-def output(argv: Sequence[str], log: Log | None = None) -> str:
-    """Stdout of a quick query command (versions, listings)."""
+def _exists(program: str, env: Mapping[str, str] | None) -> bool:
+    if "/" in program:
+        return os.path.exists(program)
+    return shutil.which(program, path={**BASE_ENV, **(env or {})}["PATH"]) is not None
+
+
+def output(argv: Sequence[str], log: Log | None = None, default: str | None = None) -> str:
+    """Stdout of a quick query command (versions, listings).  Without a log,
+    a failure returns `default` when one is given."""
     if log is not None:
-        return run(argv, log, capture=True).stdout.decode()
-    return subprocess.run([os.fspath(a) for a in argv], env=BASE_ENV, check=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout.decode()
+        return run(argv, log, capture=True, contain=False).stdout.decode()
+    try:
+        proc = spawn(argv, contain=False, env=BASE_ENV, stdin=subprocess.DEVNULL,
+                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        stdout, _ = proc.communicate()
+    except FileNotFoundError:
+        proc, stdout = None, b""
+    if proc is None or proc.returncode != 0:
+        if default is not None:
+            return default
+        raise BuildError("host", f"{shlex.join(map(str, argv))} failed")
+    return stdout.decode()
 
 
-def tee(argv: Sequence[str], log: Log, *, env: Mapping[str, str] | None = None,
-        cwd: Path | None = None) -> int:
-    """Run argv with its output both on the console and in the log (user
-    hooks such as deploy: the user watches them, the log keeps them)."""
-    argv = [os.fspath(a) for a in argv]
-    log.note(f"$ {shlex.join(argv)}")
-    start = time.monotonic()
-    with open(log.path, "ab") as out:
-        proc = subprocess.Popen(argv, env={**BASE_ENV, **(env or {})}, cwd=cwd,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for line in proc.stdout:
-            out.write(line)
-            out.flush()
-            sys.stdout.buffer.write(line)
-            sys.stdout.flush()
-        status = proc.wait()
-    log.note(f"# exit {status} after {time.monotonic() - start:.1f}s")
-    return status
+def isolated(fn: Callable, *args, foreground: bool = False):
+    """fn(*args) in a forked child in a private mount namespace; its return
+    value or exception comes back through a pipe.  Stop signals here kill
+    the child (and through PDEATHSIG all it runs).  foreground=True keeps
+    the child in the terminal's process group (an interactive shell)."""
+    parent = os.getpid()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(r)
+        status, result = 0, None
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:
+                os._exit(1)
+            if not foreground:
+                os.setpgid(0, 0)
+            if _libc.unshare(CLONE_NEWNS) != 0 or _libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+                err = ctypes.get_errno()
+                raise BuildError("mount namespace", f"cannot make a private mount namespace: {os.strerror(err)}")
+            result = fn(*args)
+        except BaseException as exc:  # noqa: B902 - everything goes back to the parent
+            status, result = 1, exc
+        try:
+            data = pickle.dumps((status, result))
+        except Exception:
+            data = pickle.dumps((1, BuildError("isolated", f"{result!r}")))
+        with os.fdopen(w, "wb") as f:
+            f.write(data)
+        os._exit(status)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+        _, wstatus = os.waitpid(pid, 0)
+    except BaseException:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        raise
+    if not data:
+        raise BuildError("isolated", f"the isolated build process died ({_describe(wstatus)})")
+    status, result = pickle.loads(data)
+    if status:
+        raise result
+    return result
 
 
-def attached(argv: Sequence[str], log: Log) -> int:
-    """Run argv on the caller's terminal (an interactive VM or shell); the
-    command and its status still go to the log."""
-    argv = [os.fspath(a) for a in argv]
-    log.note(f"$ {shlex.join(argv)}")
-    status = subprocess.run(argv).returncode
-    log.note(f"# exit {status}")
-    return status
+def _describe(wstatus: int) -> str:
+    if os.WIFSIGNALED(wstatus):
+        return f"killed by {signal.Signals(os.WTERMSIG(wstatus)).name}"
+    return f"exit status {os.waitstatus_to_exitcode(wstatus)}"

@@ -5,20 +5,21 @@ settings_changed.  dodo.py re-exports what is here."""
 from __future__ import annotations
 
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 
 from doit.exceptions import InvalidDodoFile, TaskFailed
 from doit.tools import config_changed
 
-from . import buildid
-from .cache import Cache
+from . import buildid, lock
+from .cache import Cache, CacheError
 from .checker import XxhashChecker
 from .config import ConfigError, Project, Target
-from .report import TimingReporter
+from .report import TimingReporter, install_excepthook
 from .boot import STORAGE_LABEL, machine, storage_disk
 from .qemu import MACHINES
-from .run import BuildError, Log, attached
+from .run import BuildError, Log, install_signal_handlers, run
 from .stages import STAGES, Unit, default_cache_dir, execute
 
 ORDER = ("rootfs", "bootstrap", "configure", "squashfs", "initramfs", "bootfiles")
@@ -46,8 +47,12 @@ def subtask_name(target: Target, arch: str | None) -> str:
 
 @lru_cache(maxsize=None)
 def _cache(root: str) -> Cache:
-    """The cache, swept once per run of work dirs left by killed builds."""
-    cache = Cache(default_cache_dir(_project(root)))
+    """The cache, checked and swept once per run of work dirs left by killed builds."""
+    try:
+        cache = Cache(default_cache_dir(_project(root)))
+        cache.check()
+    except CacheError as err:
+        raise InvalidDodoFile(str(err)) from None
     cache.collect_garbage()
     return cache
 
@@ -78,6 +83,13 @@ def run_stage(stage_name: str, unit: Unit):
         return execute(stage_name, unit)
     except BuildError as err:
         return StageFailed(err)
+
+
+def entry_present(stage_name: str, unit: Unit):
+    """uptodate: the entry the stage last recorded is still in the cache, so
+    a removed cache (or entry) rebuilds by itself instead of doit believing
+    the key file."""
+    return lambda: unit.has_entry(stage_name)
 
 
 class settings_changed(config_changed):
@@ -112,7 +124,7 @@ def _tasks(stage_name: str):
             "file_dep": sorted(rel(p) for p in stage.input_files(unit).values())
                         + [rel(unit.key_file(s)) for s in stage.upstream_of(unit)],
             "targets": [rel(unit.key_file(stage_name))] + [rel(p) for p in stage.outputs(unit)],
-            "uptodate": [settings_changed(stage, unit)],
+            "uptodate": [settings_changed(stage, unit)] + ([entry_present(stage_name, unit)] if stage.cached else []),
             "clean": True,
             "verbosity": 1,
         }
@@ -158,7 +170,7 @@ def boot_vm(unit: Unit, storage: str = ""):
     layout = "root= disk" if "root=" in vm.append else "3-file"
     print(f"hypersolid: booting {os.path.relpath(unit.dist_dir)} ({layout}, TCG); Ctrl-A X quits.\n"
           f"  kernel command line: {vm.append}", flush=True)
-    status = attached(vm.command(interactive=True), log)
+    status = run(vm.command(interactive=True), log, console="terminal", check=False).returncode
     if status != 0:
         return TaskFailed(f"qemu exited with status {status} (log: {log.path})")
     return None
@@ -185,7 +197,18 @@ def task_boot():
 
 
 def doit_config(default_target: str) -> dict:
+    """DOIT_CONFIG for dodo.py.  Also makes this process a hypersolid build:
+    stop signals become one clean interruption (exit 128+N, one line), and
+    a run that writes doit's database takes the checkout's lock first."""
     Path("build").mkdir(exist_ok=True)  # doit needs the database's directory
+    install_signal_handlers()
+    install_excepthook()
+    if lock.writes_database(sys.argv[1:]):
+        try:
+            lock.acquire(Path("build"))
+        except lock.Busy as err:
+            print(f"hypersolid: {err}", file=sys.stderr)
+            sys.exit(1)
     return {
         "dep_file": DEP_FILE,
         "backend": "sqlite3",

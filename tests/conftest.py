@@ -64,9 +64,9 @@ class TestProject:
     def target(self, name: str, text: str) -> Path:
         return self.write(f"targets/{name}/target.yaml", text)
 
-    def doit(self, *args: str, check: bool = True, timeout: int = 1800) -> DoitResult:
+    def doit(self, *args: str, check: bool = True, timeout: int = 1800, env: dict | None = None) -> DoitResult:
         env = {**os.environ, "HYPERSOLID_CACHE": str(self.cache),
-               "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+               "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
         proc = subprocess.run([sys.executable, "-m", "doit", *args], cwd=self.root, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               timeout=timeout)

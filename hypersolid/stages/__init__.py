@@ -1,24 +1,35 @@
 """The stage contract and the one routine that runs any stage.
 
-A stage declares what it depends on (settings, input files, upstream
-stages) and how to build its output into an empty directory.  `execute`
-turns that into a key, reuses the cache entry when there is one, and
-otherwise builds, publishes atomically and records the key in a small key
-file, which is what doit tasks depend on downstream: a stage that re-runs
-and yields the same key leaves everything after it alone.
+A stage declares what it depends on (the target fields it reads, other
+computed inputs, input files, upstream stages) and how to build its output
+into an empty directory.  `execute` turns that into a key, reuses the cache
+entry when there is one, and otherwise builds, publishes atomically and
+records the key in a small key file, which is what doit tasks depend on
+downstream: a stage that re-runs and yields the same key leaves everything
+after it alone.
+
+The target fields in a key are the fields the build can see: the build gets
+a `TargetView` that refuses any other field, so a setting cannot be used
+without being part of the key (a stale cache hit is impossible by
+construction, not by care).
 """
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
+import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import buildid
 from ..cache import Cache, digest_file, digest_json
 from ..config import Project, Target
-from ..run import BuildError, Log
+from ..run import BuildError, Log, isolated, tail_of
 
 
 def default_cache_dir(project: Project) -> Path:
@@ -65,23 +76,91 @@ class Unit:
         except FileNotFoundError:
             raise BuildError(stage, f"{key_file} is missing: run `doit {stage}:{self.target.name}` first") from None
         entry = self.cache.lookup(stage, key)
-        if entry is None:
+        if entry is None:  # the task's entry check makes doit rebuild it first; this is a race
             raise BuildError(stage, f"cache entry {key} is gone from {self.cache.root} "
-                             f"(cache cleaned?); run `doit forget {stage}` and build again")
+                             "(removed while this build ran?); build again")
         return entry
+
+    def has_entry(self, stage: str) -> bool:
+        """Whether the entry the stage last recorded is still in the cache."""
+        try:
+            key = self.key_file(stage).read_text().strip()
+        except OSError:
+            return False
+        return self.cache.lookup(stage, key) is not None
+
+
+# What every stage may read of a target without declaring it: which target
+# this is (name, files, layers, its hooks and architectures) and the shape
+# of the graph (whether there is a kernel), which the upstream keys carry.
+IDENTITY = frozenset({"name", "file", "layers", "architectures", "hook_files", "has_kernel"})
+
+
+class UndeclaredSetting(BuildError):
+    """A stage's build read a target field its key does not include."""
+
+
+class TargetView:
+    """A target as one stage's build sees it: its declared fields only."""
+
+    def __init__(self, target: Target, stage: "Stage", arch: str | None):
+        self._target, self._stage, self._arch = target, stage, arch
+        self._allowed = IDENTITY | set(stage.reads) | set(stage.uses)
+
+    def __getattr__(self, name: str):
+        if name not in self._allowed:
+            raise UndeclaredSetting(self._stage.name, f"the build read target.{name}, which is not in the stage's "
+                                    f"key: add it to {type(self._stage).__name__}.reads (or .uses if it cannot "
+                                    "change the output)")
+        value = getattr(self._target, name)
+        if name == "sections" and self._arch:
+            # One architecture's view: another's arch_packages are not this unit's input.
+            value = tuple(dataclasses.replace(s, arch_packages=tuple(p for p in s.arch_packages if p[0] == self._arch))
+                          for s in value)
+        return value
+
+
+def real_target(target) -> Target:
+    """The target behind a view: for the engine's own work (planned keys are
+    digests of every stage's declared inputs), never for a stage's build."""
+    return target._target if isinstance(target, TargetView) else target
+
+
+def view(stage: "Stage", unit: "Unit") -> "Unit":
+    """The unit as the stage's build sees it."""
+    return dataclasses.replace(unit, target=TargetView(real_target(unit.target), stage, unit.arch))
+
+
+def _plain(value):
+    """A target field as JSON-able data (dataclasses and tuples to dicts and lists)."""
+    if dataclasses.is_dataclass(value):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 class Stage:
-    """Subclasses set name/upstream/per_arch and implement the methods."""
+    """Subclasses set name/upstream/per_arch/reads and implement the methods."""
 
     name = ""
     upstream: tuple[str, ...] = ()
     per_arch = True
     doc = ""
+    # Target fields the build reads: each is in the key.
+    reads: tuple[str, ...] = ()
+    # Target fields the build uses that cannot change its output (a proxy,
+    # a time limit): readable, but not in the key.
+    uses: tuple[str, ...] = ()
     # Other modules whose code shapes this stage's output (part of its key).
     helpers: tuple[str, ...] = ()
     # False: the stage writes its own outputs (dist/), nothing goes to the cache.
     cached = True
+    # True: build() runs in a forked child in a private mount namespace
+    # (it mounts; see mounts.py).
+    isolated = False
 
     def applies(self, unit: Unit) -> bool:
         """Whether this unit has this stage at all (no kernel: no initramfs)."""
@@ -95,7 +174,14 @@ class Stage:
         return []
 
     def settings(self, unit: Unit) -> dict:
-        """The non-file inputs (JSON-able), e.g. package lists."""
+        """The non-file inputs: the declared target fields, exactly as the
+        build sees them, and `computed`."""
+        seen = view(self, unit).target
+        return {**{f: _plain(getattr(seen, f)) for f in self.reads}, **self.computed(unit)}
+
+    def computed(self, unit: Unit) -> dict:
+        """Inputs that are not target fields (JSON-able): the architecture,
+        tool versions, generated scripts, an overlay's listing."""
         return {}
 
     def input_files(self, unit: Unit) -> dict[str, Path]:
@@ -129,6 +215,7 @@ def planned_keys(unit: Unit) -> dict[str, str]:
     """The key every cached stage of this unit will have, computed from the
     inputs alone (a key is a digest of inputs and upstream keys, never of
     outputs), so it is known before anything is built."""
+    unit = dataclasses.replace(unit, target=real_target(unit.target))
     keys: dict[str, str] = {}
 
     def key(name: str) -> str:
@@ -145,11 +232,57 @@ def planned_keys(unit: Unit) -> dict[str, str]:
     return keys
 
 
+def build_id(project: Project, target, cache: Cache) -> str:
+    """HYPERSOLID_UUID, else a UUID-shaped digest of what will boot: the
+    planned keys of squashfs and initramfs on every architecture, so an
+    unchanged build keeps its id and any change to what boots gets a new
+    one (see buildid.py)."""
+    value = buildid.given()
+    if value:
+        return value
+    target = real_target(target)
+    parts = []
+    for arch in target.architectures:
+        keys = planned_keys(Unit(project, target, arch, cache))
+        parts.append([arch, keys["squashfs"], keys.get("initramfs")])
+    return str(uuid.UUID(hex=digest_json(parts)))
+
+
 def _file_identity(path: Path) -> list:
     st = os.lstat(path)
     if os.path.islink(path):
         return ["link", os.readlink(path)]
     return [oct(st.st_mode & 0o777), digest_file(path)]
+
+
+def _build(stage: Stage, unit: Unit, out: Path | None, log: Log) -> None:
+    """stage.build with its declared view of the target, in a private mount
+    namespace if the stage is isolated; a full disk is one line naming the
+    place and its free space."""
+    viewed = view(stage, unit)
+    try:
+        if stage.isolated:
+            isolated(stage.build, viewed, out, log)
+        else:
+            stage.build(viewed, out, log)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise log.fail(no_space(err.filename or out or unit.dist_dir)) from None
+    except BuildError as err:
+        if err.log and "No space left on device" in "\n".join(tail_of(err.log, 40)) and "no space" not in err.message:
+            raise type(err)(err.stage, f"{err.message}; {no_space(out or unit.dist_dir)}", err.command,
+                            err.log) from None
+        raise
+
+
+def no_space(path) -> str:
+    """'no space left on device: /x (12.3 MB free)'."""
+    place = Path(path)
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    return f"no space left on device writing {path} ({free / 1e6:.1f} MB free there)"
 
 
 def execute(stage_name: str, unit: Unit) -> dict:
@@ -164,12 +297,12 @@ def execute(stage_name: str, unit: Unit) -> dict:
     start = time.monotonic()
     if not stage.cached:
         _log_why(log, key_file.with_suffix(".manifest.json"), manifest)
-        stage.build(unit, None, log)  # writes its outputs itself, each atomically
+        _build(stage, unit, None, log)  # writes its outputs itself, each atomically
         log.note(f"# built in {time.monotonic() - start:.1f}s")
     elif hit is None:
         _log_why(log, key_file.with_suffix(".manifest.json"), manifest)
         with unit.cache.publish(stage_name, key, manifest) as out:
-            stage.build(unit, out, log)
+            _build(stage, unit, out, log)
         log.note(f"# built in {time.monotonic() - start:.1f}s, published as {unit.cache.entry(stage_name, key)}")
     else:
         log.note(f"# cache hit: {hit}")

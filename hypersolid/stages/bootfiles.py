@@ -19,13 +19,28 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .. import buildid, hooks, raspberrypi
-from ..cache import digest_file, remove_tree
+from ..cache import digest_file, remove_tree, sweep_leftovers, temp_name
 from ..run import Log, run
-from . import Stage, Unit, register
+from . import Stage, Unit, build_id, register
 from .squashfs import image_name
+
+
+@contextmanager
+def _replacing(dest: Path) -> Iterator[Path]:
+    """A temporary sibling of dest to write; renamed over dest when the block
+    succeeds, removed when it fails (a full disk leaves nothing behind)."""
+    tmp = temp_name(dest)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except BaseException:
+        remove_tree(tmp)
+        raise
 
 
 def _upstream(unit: Unit) -> tuple[str, ...]:
@@ -39,6 +54,8 @@ class Bootfiles(Stage):
     cached = False
     helpers = ("hypersolid.buildid", "hypersolid.hooks", "hypersolid.raspberrypi")
     doc = "dist/<target>/: kernel, initramfs, system image, package manifest, build info"
+    reads = ("image", "rpi_dtbs", "rpi_consoles", "rpi_config_txt", "kernel_cmdline")
+    uses = ("hook_timeout",)
 
     def upstream_of(self, unit: Unit) -> tuple[str, ...]:
         return _upstream(unit)
@@ -57,12 +74,9 @@ class Bootfiles(Stage):
         files[f"packages-{a}.tsv"] = ("squashfs", "packages.tsv")
         return files
 
-    def settings(self, unit: Unit) -> dict:
-        t = unit.target
+    def computed(self, unit: Unit) -> dict:
         return {"arch": unit.arch, "files": {k: list(v) for k, v in self.files(unit).items()},
-                "build_id": buildid.build_id(unit.project, t, unit.cache),
-                "raspberrypi": [list(t.rpi_dtbs), list(t.rpi_consoles), list(t.rpi_config_txt),
-                                list(t.kernel_cmdline)] if self.pi_boot_dir(unit) else None}
+                "build_id": build_id(unit.project, unit.target, unit.cache)}
 
     def input_files(self, unit: Unit) -> dict[str, Path]:
         return hooks.input_files(unit, "post-build")
@@ -84,13 +98,14 @@ class Bootfiles(Stage):
         hooks.checked(unit, "post-build", log)
         dist = unit.dist_dir
         dist.mkdir(parents=True, exist_ok=True)
-        a, build = unit.arch, buildid.build_id(unit.project, unit.target, unit.cache)
+        for leftover in sweep_leftovers(dist):
+            log.note(f"# removed {leftover.name}, left by a build that was killed")
+        a, build = unit.arch, build_id(unit.project, unit.target, unit.cache)
         files = self.files(unit)
         for name, (stage, src) in files.items():
             if not name.startswith("system-"):
-                tmp = dist / f".{name}.tmp-{os.getpid()}"
-                run(["cp", "--reflink=auto", unit.output(stage) / src, tmp], log)
-                os.replace(tmp, dist / name)
+                with _replacing(dist / name) as tmp:
+                    run(["cp", "--reflink=auto", unit.output(stage) / src, tmp], log)
         self._system(unit, build, files, log)
         for stale in (f"kernel-{a}.img", f"initramfs-{a}.img", image_name(a), image_name(a, "cpio")):
             if stale not in files and (dist / stale).exists():
@@ -111,9 +126,8 @@ class Bootfiles(Stage):
         boot = self.pi_boot_dir(unit)
         if boot:
             self._pi_boot(unit, boot, log)
-        tmp = dist / f".build-{a}.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, dist / f"build-{a}.json")
+        with _replacing(dist / f"build-{a}.json") as tmp:
+            tmp.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
         hooks.run_on_host(unit, "post-build", log, {"HYPERSOLID_DIST": str(dist.resolve()),
                                                     "HYPERSOLID_BUILD_ID": build})
 
@@ -125,7 +139,7 @@ class Bootfiles(Stage):
         wanted = [n for n in files if n.startswith("system-")]
         if not wanted:
             return
-        work = dist / f".system-{a}.tmp-{os.getpid()}"
+        work = temp_name(dist / f"system-{a}")
         remove_tree(work)
         work.mkdir()
         try:
@@ -144,14 +158,14 @@ class Bootfiles(Stage):
     def _pi_boot(self, unit: Unit, boot: Path, log: Log) -> None:
         """Built beside, then swapped in: the old boot/ stays whole until then."""
         a = unit.arch
-        new = boot.with_name(f".{boot.name}.tmp-{os.getpid()}")
+        new = temp_name(boot)
         remove_tree(new)
         new.mkdir()
         kver = json.loads((unit.output("initramfs") / "kernel.json").read_text())["version"]
         raspberrypi.write_boot_dir(unit.target, a, unit.output("configure") / "tree", kver,
                                    unit.dist_dir / f"kernel-{a}.img", unit.dist_dir / f"initramfs-{a}.img",
                                    new, log)
-        old = boot.with_name(f".{boot.name}.old-{os.getpid()}")
+        old = temp_name(boot, "old")
         if boot.exists():
             os.rename(boot, old)
         os.rename(new, boot)

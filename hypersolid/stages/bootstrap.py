@@ -55,10 +55,11 @@ class Bootstrap(Stage):
     name = "bootstrap"
     doc = "multistrap: the target's packages unpacked into a tree (post-bootstrap hooks)"
     helpers = ("hypersolid.hooks",)
+    reads = ("suite", "mirror", "security_mirror", "sections")  # sections: this architecture's view
+    uses = ("apt_proxy", "hook_timeout")
 
-    def settings(self, unit: Unit) -> dict:
-        return {"arch": unit.arch, "sections": sections_for(unit.target, unit.arch),
-                "multistrap": host_version("multistrap")}
+    def computed(self, unit: Unit) -> dict:
+        return {"arch": unit.arch, "multistrap": host_version("multistrap")}
 
     def input_files(self, unit: Unit) -> dict[str, Path]:
         return hooks.input_files(unit, "post-bootstrap")

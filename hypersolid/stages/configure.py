@@ -83,9 +83,11 @@ class Configure(Stage):
     helpers = ("hypersolid.container", "hypersolid.dpkg", "hypersolid.hooks")
     upstream = ("bootstrap",)
     doc = "packages configured in a container (dpkg --configure, pre-configure hooks)"
+    reads = ("locale",)
+    uses = ("apt_proxy", "hook_timeout")
 
-    def settings(self, unit: Unit) -> dict:
-        return {"locale": unit.target.locale, "scripts": [PREPARE, FINISH]}
+    def computed(self, unit: Unit) -> dict:
+        return {"scripts": [PREPARE, FINISH]}
 
     def input_files(self, unit: Unit) -> dict[str, Path]:
         return hooks.input_files(unit, "pre-configure")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..config import INITRAMFS_COMPRESSORS
 from ..container import run_in
-from ..isolate import build_isolated, release_view, writable_view
+from ..mounts import release_view, writable_view
 from ..run import Log
 from . import Stage, Unit, register
 
@@ -43,25 +43,21 @@ def initramfs_conf(modules: str, compression: str) -> str:
 class Initramfs(Stage):
     name = "initramfs"
     upstream = ("configure",)
-    helpers = ("hypersolid.container", "hypersolid.isolate")
+    helpers = ("hypersolid.container", "hypersolid.mounts")
     doc = "kernel + initramfs (mkinitramfs in the container, boot=hypersolid script)"
+    reads = ("initramfs_compression", "initramfs_modules", "initramfs_extra_modules")
+    isolated = True  # the overlay over the configured tree
 
     def applies(self, unit: Unit) -> bool:
         return unit.target.has_kernel(unit.arch)
 
-    def settings(self, unit: Unit) -> dict:
-        t = unit.target
-        return {"arch": unit.arch, "compression": t.initramfs_compression,
-                "modules": t.initramfs_modules, "extra_modules": list(t.initramfs_extra_modules)}
+    def computed(self, unit: Unit) -> dict:
+        return {"arch": unit.arch}
 
     def input_files(self, unit: Unit) -> dict[str, Path]:
         return {"boot-script": BOOT_FILES / "hypersolid", "hook": BOOT_FILES / "hook"}
 
     def build(self, unit: Unit, out: Path, log: Log) -> None:
-        build_isolated(self.name, unit, out, log)
-
-    def assemble(self, unit: Unit, out: Path, log: Log) -> None:
-        """Runs in build_isolated's private mount namespace."""
         work = out / ".work"
         tree = writable_view(unit.output("configure") / "tree", work, log)
         t = unit.target

@@ -49,7 +49,7 @@ class Rootfs(Stage):
     per_arch = False
     doc = "merged rootfs overlay (generic + extended targets + target)"
 
-    def settings(self, unit: Unit) -> dict:
+    def computed(self, unit: Unit) -> dict:
         layers, _, dirs, links = overlay_entries(unit)
         return {"layers": [os.path.relpath(d, unit.project.root) for d in layers],
                 "dirs": dirs, "links": links}

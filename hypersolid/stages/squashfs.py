@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import accounts, hooks
 from ..dpkg import host_version, write_package_manifest
-from ..isolate import build_isolated, release_view, writable_view
+from ..mounts import release_view, writable_view
 from ..run import Log, run
 from . import Stage, Unit, register
 from .rootfs import copy_overlay
@@ -65,29 +65,22 @@ def mksquashfs_args(compression: str, level: int | None) -> list[str]:
 class Squashfs(Stage):
     name = "squashfs"
     helpers = ("hypersolid.accounts", "hypersolid.container", "hypersolid.dpkg",
-               "hypersolid.hooks", "hypersolid.isolate")
+               "hypersolid.hooks", "hypersolid.mounts")
     upstream = ("configure", "rootfs")
     doc = "system image: configured tree + overlay + users/services/hooks, packed by mksquashfs"
+    reads = ("hostname", "timezone", "users", "root_password", "services_enable", "services_disable",
+             "compression", "compression_level")
+    uses = ("hook_timeout",)
+    isolated = True  # the overlay over the configured tree
 
-    def settings(self, unit: Unit) -> dict:
-        t = unit.target
-        return {
-            "arch": unit.arch, "hostname": t.hostname, "timezone": t.timezone,
-            "users": [[u.name, list(u.groups), u.sudo, u.password, u.shell] for u in t.users],
-            "root_password": t.root_password,
-            "services": {"enable": list(t.services_enable), "disable": list(t.services_disable)},
-            "compression": [t.compression, t.compression_level],
-            "squashfs_tools": host_version("squashfs-tools"), "build_id_links": BUILD_ID_LINKS,
-        }
+    def computed(self, unit: Unit) -> dict:
+        return {"arch": unit.arch, "squashfs_tools": host_version("squashfs-tools"),
+                "build_id_links": BUILD_ID_LINKS}
 
     def input_files(self, unit: Unit) -> dict[str, Path]:
         return hooks.input_files(unit, "post-configure")
 
     def build(self, unit: Unit, out: Path, log: Log) -> None:
-        build_isolated(self.name, unit, out, log)
-
-    def assemble(self, unit: Unit, out: Path, log: Log) -> None:
-        """Runs in build_isolated's private mount namespace."""
         work = out / ".work"
         tree = writable_view(unit.output("configure") / "tree", work, log)
         copy_overlay(unit.without_arch().output("rootfs") / "tree", tree, log)
