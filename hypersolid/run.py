@@ -69,7 +69,8 @@ class BuildError(Exception):
             lines.append(f"  command: {shlex.join(self.command)}")
         if self.log:
             lines.append(f"  log: {self.log}")
-            tail = tail_of(self.log)
+            # The log's own "# FAILED:" lines repeat the first line: left out.
+            tail = [line for line in tail_of(self.log) if not line.startswith("# FAILED:")]
             if tail:
                 lines.append("  last lines of the log:")
                 lines += [f"    {line}" for line in tail]
