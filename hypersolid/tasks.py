@@ -4,6 +4,7 @@ re-runs only when its own inputs changed, and settings enter through
 settings_changed.  dodo.py re-exports what is here."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from functools import lru_cache
@@ -20,7 +21,7 @@ from .report import TimingReporter, install_excepthook
 from .boot import STORAGE_LABEL, machine, storage_disk
 from .qemu import MACHINES
 from .run import BuildError, Log, install_signal_handlers, run
-from .stages import STAGES, Unit, default_cache_dir, execute
+from .stages import STAGES, Unit, default_cache_dir, execute, no_space
 
 ORDER = ("rootfs", "bootstrap", "configure", "squashfs", "initramfs", "bootfiles")
 DEP_FILE = "build/doit.sqlite3"
@@ -78,11 +79,17 @@ class StageFailed(TaskFailed):
 
 
 def run_stage(stage_name: str, unit: Unit):
-    """The python-action: a BuildError becomes a clean doit failure."""
+    """The python-action: a BuildError, or an OSError outside any stage's
+    build (the key file or log on a full disk), becomes a clean doit failure."""
     try:
         return execute(stage_name, unit)
     except BuildError as err:
         return StageFailed(err)
+    except OSError as err:
+        where = f"{stage_name}:{subtask_name(unit.target, unit.arch)}"
+        message = no_space(err.filename or unit.build_dir) if err.errno == errno.ENOSPC else \
+            f"{err.strerror}: {err.filename}"
+        return StageFailed(BuildError(where, message))
 
 
 def entry_present(stage_name: str, unit: Unit):
