@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import accounts, hooks
+from .. import accounts, hooks, intree
 from ..dpkg import host_version, write_package_manifest
 from ..isolate import build_isolated, release_view, writable_view
 from ..run import Log, run
 from . import Stage, Unit, register
-from .rootfs import copy_overlay
+from .rootfs import _origins, copy_overlay
 
 MIN_IMAGE_BYTES = 1 << 20
 
@@ -65,7 +65,7 @@ def mksquashfs_args(compression: str, level: int | None) -> list[str]:
 class Squashfs(Stage):
     name = "squashfs"
     helpers = ("hypersolid.accounts", "hypersolid.container", "hypersolid.dpkg",
-               "hypersolid.hooks", "hypersolid.isolate")
+               "hypersolid.hooks", "hypersolid.intree", "hypersolid.isolate")
     upstream = ("configure", "rootfs")
     doc = "system image: configured tree + overlay + users/services/hooks, packed by mksquashfs"
 
@@ -114,21 +114,34 @@ class Squashfs(Stage):
         release_view(work, log)
 
     def _settings(self, unit: Unit, tree: Path, log: Log) -> None:
+        """Hostname, hosts, timezone, users and services, written in the tree
+        as the image resolves paths (intree): a link from an overlay or a
+        package is written through inside the tree and stays a link."""
         t = unit.target
-        (tree / "etc/hostname").write_text(t.hostname + "\n")
-        hosts = tree / "etc/hosts"
-        if not hosts.exists() or t.hostname not in hosts.read_text().split():
-            hosts.write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{t.hostname}\n"
-                             "::1\tlocalhost ip6-localhost ip6-loopback\n")
-        zone = tree / "usr/share/zoneinfo" / t.timezone
-        if t.timezone not in ("Etc/UTC", "UTC") and not zone.exists():
-            raise log.fail(f"timezone {t.timezone}: no {zone.relative_to(tree)} in the image "
-                           "(add the package 'tzdata')")
-        localtime = tree / "etc/localtime"
-        if localtime.is_symlink() or localtime.exists():
-            localtime.unlink()
-        localtime.symlink_to(f"/usr/share/zoneinfo/{t.timezone}")
-        (tree / "etc/timezone").write_text(t.timezone + "\n")
+        origin = _origins(unit.without_arch().output("rootfs") / "tree")
+
+        def fail(rel: str, what: str):
+            return log.fail(f"{origin(rel, rel)}: {what}")
+
+        with intree.Root(tree) as root:
+            _refuse_links_assemble_follows(root, fail)
+            try:
+                rel = "etc/hostname"
+                root.write_text(rel, t.hostname + "\n")
+                rel = "etc/hosts"
+                if not root.exists(rel) or t.hostname not in root.read_text(rel).split():
+                    root.write_text(rel, f"127.0.0.1\tlocalhost\n127.0.1.1\t{t.hostname}\n"
+                                    "::1\tlocalhost ip6-localhost ip6-loopback\n")
+                zone = f"usr/share/zoneinfo/{t.timezone}"
+                if t.timezone not in ("Etc/UTC", "UTC") and not root.exists(zone):
+                    raise log.fail(f"timezone {t.timezone}: no {zone} in the image "
+                                   "(add the package 'tzdata')")
+                rel = "etc/localtime"
+                root.symlink(f"/usr/share/zoneinfo/{t.timezone}", rel)
+                rel = "etc/timezone"
+                root.write_text(rel, t.timezone + "\n")
+            except OSError as err:
+                raise fail(rel, f"cannot write {rel} in the image: {err.strerror or err}") from None
         try:
             accounts.apply(tree, t.users, t.root_password)
         except accounts.AccountError as err:
@@ -136,3 +149,18 @@ class Squashfs(Stage):
         for verb, units in (("enable", t.services_enable), ("disable", t.services_disable)):
             if units:
                 run(["systemctl", f"--root={tree}", verb, *units], log)
+
+
+def _refuse_links_assemble_follows(root: intree.Root, fail) -> None:
+    """assemble finishes the tree with host paths (rm -rf of LEFTOVERS, the
+    empty machine-id, the build id links), which would follow a link onto
+    the build host; until it goes through intree, such a link is refused."""
+    paths = {"etc/machine-id", "boot"} | {os.path.dirname(p) for p in (*LEFTOVERS, *BUILD_ID_LINKS)}
+    for path in sorted(p for p in paths if p):
+        parts = path.split("/")
+        for i in range(1, len(parts) + 1):
+            rel = "/".join(parts[:i])
+            if root.is_link(rel):
+                raise fail(rel, f"a symlink (to {root.readlink(rel)}) where the build writes or cleans "
+                                f"{path}; it must be a real {'file' if path == 'etc/machine-id' else 'directory'}"
+                                " in the image")
