@@ -157,18 +157,26 @@ class Root:
             os.close(fd)
             raise
 
-    def _locate(self, rel: str, follow: bool, create: bool, depth: int = 0) -> tuple[int, str, str]:
+    def _locate(self, rel: str, follow: bool, create: bool, depth: int = 0,
+                lenient: bool = False) -> tuple[int, str, str]:
         """(fd of the resolved parent directory, last name, canonical path of
         the entry).  follow: chase a link in the last component too.
-        create: make missing parent directories (following dangling links)."""
+        create: make missing parent directories (following dangling links).
+        lenient: a missing parent is no error (fd -1; the missing part of
+        the path holds no links, so it is taken as written)."""
         if depth > MAX_HOPS:
             raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), rel)
         hops = 0
         while True:
             parts = _parts(rel)
             if not parts or parts[-1] == "..":  # the entry is a directory: split its real path
-                fd, where = self._dir(rel)
-                os.close(fd)
+                if not parts:
+                    where = ""
+                elif lenient:  # '..' of what rel's head resolves to
+                    where = self._lenient("/".join(parts[:-1]), depth + 1).rpartition("/")[0]
+                else:
+                    fd, where = self._dir(rel)
+                    os.close(fd)
                 if not where:
                     raise _IsRoot(errno.EISDIR, "the tree's root itself", "/")
                 parts = where.split("/")
@@ -176,6 +184,8 @@ class Root:
             try:
                 fd, where = self._dir(head)
             except FileNotFoundError:
+                if lenient:
+                    return -1, name, _join(self._lenient(head, depth + 1), name)
                 if not create:
                     raise
                 fd, where = self._makedirs(head, depth + 1)
@@ -210,13 +220,17 @@ class Root:
         return self._dir(rel)
 
     def resolve(self, rel: str) -> str:
-        """rel's canonical path in the tree, every link followed (the last
-        component may be missing)."""
+        """rel's canonical path in the tree, every link followed; what is
+        missing is taken as written (where a write would create it)."""
+        return self._lenient(rel)
+
+    def _lenient(self, rel: str, depth: int = 0) -> str:
         try:
-            fd, _, path = self._locate(rel, follow=True, create=False)
+            fd, _, path = self._locate(rel, follow=True, create=False, depth=depth, lenient=True)
         except _IsRoot:
             return ""
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         return path
 
     # -- queries ----------------------------------------------------------
