@@ -237,3 +237,23 @@ def test_resolve_takes_what_is_missing_as_written(root):
     assert root.resolve("nothing/here/..") == "nothing"
     assert root.resolve("etc/abs/../../..") == str(Path(*Path(root.resolve("etc/abs")).parts[:-3]))
     assert root.resolve("/") == "" and root.resolve("lib/../..") == ""
+
+
+def test_two_layers_naming_one_file_via_lib_and_usr_lib_merge_as_one(tmp_path, log):
+    dest = tmp_path / "merged"
+    dest.mkdir()
+    for n, rel in enumerate(("lib/systemd/system/x.service", "usr/lib/systemd/system/x.service")):
+        layer = tmp_path / f"layer{n}"
+        (layer / rel).parent.mkdir(parents=True)
+        (layer / rel).write_text(f"layer {n}\n")
+        copy_overlay(layer, dest, log, merged_usr=True)
+    assert (dest / "usr/lib/systemd/system/x.service").read_text() == "layer 1\n"
+    assert sorted(os.listdir(dest)) == ["usr"]
+
+
+def test_install_script_replaces_a_hypersolid_link(tree, host):
+    from hypersolid.container import install_script
+    (tree / ".hypersolid").symlink_to(host / "dir")
+    assert install_script(tree, "prepare", "#!/bin/sh\n") == "/.hypersolid/prepare"
+    assert not (tree / ".hypersolid").is_symlink()
+    assert stat.S_IMODE((tree / ".hypersolid/prepare").stat().st_mode) == 0o755
