@@ -65,6 +65,17 @@ def _openat2(dirfd: int, path: str, flags: int) -> int:
     raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN), path)
 
 
+def _chmod_at(dirfd: int, name: str, mode: int) -> None:
+    """chmod the entry name in dirfd itself (fchmodat cannot refuse links)."""
+    f = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        if stat.S_ISLNK(os.fstat(f).st_mode):
+            raise OSError(errno.ELOOP, "a symlink has no mode", name)
+        os.chmod(f"/proc/self/fd/{f}", mode)  # the inode f holds, not a path
+    finally:
+        os.close(f)
+
+
 def _parts(rel: str) -> list[str]:
     return [p for p in rel.split("/") if p not in ("", ".")]
 
@@ -213,6 +224,7 @@ class Root:
         fd, name, _ = self._locate(rel, follow=True, create=True, depth=depth)
         try:
             os.mkdir(name, mode, dir_fd=fd)
+            _chmod_at(fd, name, mode)  # the mode asked for, whatever the umask
         except FileExistsError:
             pass  # made meanwhile, or not a directory: _dir says which
         finally:
@@ -440,15 +452,9 @@ class Root:
         """chmod the entry itself; a link has no mode of its own (ELOOP)."""
         fd, name, path = self._locate(rel, follow=False, create=False)
         try:
-            f = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            _chmod_at(fd, name, mode)
         finally:
             os.close(fd)
-        try:
-            if stat.S_ISLNK(os.fstat(f).st_mode):
-                raise OSError(errno.ELOOP, "a symlink has no mode", path)
-            os.chmod(f"/proc/self/fd/{f}", mode)  # the inode f holds, not a path
-        finally:
-            os.close(f)
 
     def utime(self, rel: str, ns: tuple[int, int]) -> None:
         fd, name, _ = self._locate(rel, follow=False, create=False)
