@@ -31,8 +31,7 @@ class OverlayError(Exception):
 
 def merged_usr_path(rel: str) -> str:
     """Where rel lands in a merged-usr tree: bin/x -> usr/bin/x."""
-    top, _, rest = rel.partition("/")
-    return f"usr/{rel}" if top in MERGED_USR else rel
+    return f"usr/{rel}" if rel.partition("/")[0] in MERGED_USR else rel
 
 
 def overlay_walk(src: Path, merged_usr: bool = False):
