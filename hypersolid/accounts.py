@@ -5,10 +5,10 @@ every architecture, needs no emulation, and is deterministic (no dates).
 """
 from __future__ import annotations
 
-import os
-import shutil
+import stat
 from pathlib import Path
 
+from . import intree
 from .config import User
 
 FIRST_UID, LAST_UID = 1000, 59999
@@ -20,11 +20,13 @@ class AccountError(Exception):
 
 
 class Table:
-    """One colon-separated account file, edited in memory."""
+    """One colon-separated account file of a tree, edited in memory; read
+    and written in the tree (intree), so a link never leads to the host."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.rows = [line.split(":") for line in path.read_text().splitlines() if line] if path.exists() else []
+    def __init__(self, root: intree.Root, rel: str):
+        self.root, self.rel = root, rel
+        self.rows = ([line.split(":") for line in root.read_text(rel).splitlines() if line]
+                     if root.exists(rel) else [])
 
     def find(self, name: str) -> list[str] | None:
         return next((r for r in self.rows if r[0] == name), None)
@@ -33,13 +35,8 @@ class Table:
         return {int(r[col]) for r in self.rows if len(r) > col and r[col].isdigit()}
 
     def save(self, mode: int) -> None:
-        tmp = self.path.with_name(self.path.name + "+")
-        tmp.write_text("".join(":".join(r) + "\n" for r in self.rows))
-        os.chmod(tmp, mode)
-        if self.path.exists():
-            st = self.path.stat()
-            os.chown(tmp, st.st_uid, st.st_gid)
-        os.replace(tmp, self.path)
+        """Atomic replace (a temporary name beside the file), keeping its owner."""
+        self.root.write_text(self.rel, "".join(":".join(r) + "\n" for r in self.rows), mode)
 
 
 def _free_id(*used: set[int]) -> int:
@@ -48,9 +45,17 @@ def _free_id(*used: set[int]) -> int:
 
 
 def apply(tree: Path, users: tuple[User, ...], root_password: str | None) -> None:
-    etc = Path(tree) / "etc"
-    passwd, group = Table(etc / "passwd"), Table(etc / "group")
-    shadow, gshadow = Table(etc / "shadow"), Table(etc / "gshadow")
+    with intree.Root(tree) as root:
+        try:
+            _apply(root, users, root_password)
+        except OSError as err:
+            where = f" {err.filename}" if err.filename else ""
+            raise AccountError(f"cannot write the accounts in the image:{where}: {err.strerror or err}") from None
+
+
+def _apply(tree: intree.Root, users: tuple[User, ...], root_password: str | None) -> None:
+    passwd, group = Table(tree, "etc/passwd"), Table(tree, "etc/group")
+    shadow, gshadow = Table(tree, "etc/shadow"), Table(tree, "etc/gshadow")
 
     root = shadow.find("root")
     if root is None:
@@ -67,9 +72,9 @@ def apply(tree: Path, users: tuple[User, ...], root_password: str | None) -> Non
         if missing:
             raise AccountError(f"user {user.name!r}: no group {', '.join(missing)} in the image "
                                "(groups come from base-passwd and packages)")
-        if user.sudo and not (Path(tree) / "usr/bin/sudo").exists():
+        if user.sudo and not tree.exists("usr/bin/sudo"):
             raise AccountError(f"user {user.name!r} has sudo: true but the image has no sudo package")
-        if not (Path(tree) / user.shell.lstrip("/")).exists():
+        if not tree.exists(user.shell):
             raise AccountError(f"user {user.name!r}: shell {user.shell} does not exist in the image")
         uid = _free_id(passwd.ids(2))
         gid = uid if uid not in group.ids(2) else _free_id(group.ids(2))
@@ -85,7 +90,7 @@ def apply(tree: Path, users: tuple[User, ...], root_password: str | None) -> Non
                     while len(row) <= col:
                         row.append("")
                     row[col] = ",".join(filter(None, [*row[col].split(","), user.name]))
-        _make_home(Path(tree), home, uid, gid)
+        _make_home(tree, home, uid, gid)
 
     passwd.save(0o644)
     group.save(0o644)
@@ -93,14 +98,23 @@ def apply(tree: Path, users: tuple[User, ...], root_password: str | None) -> Non
     gshadow.save(0o640)
 
 
-def _make_home(tree: Path, home: str, uid: int, gid: int) -> None:
-    target = tree / home.lstrip("/")
-    skel = tree / "etc/skel"
-    if skel.is_dir():
-        shutil.copytree(skel, target, symlinks=True, dirs_exist_ok=True)
-    else:
-        target.mkdir(parents=True, exist_ok=True)
-    for dirpath, dirnames, filenames in os.walk(target):
-        for name in [dirpath, *[os.path.join(dirpath, n) for n in dirnames + filenames]]:
-            os.lchown(name, uid, gid)
-    os.chmod(target, 0o700)
+def _make_home(root: intree.Root, home: str, uid: int, gid: int) -> None:
+    """The home from /etc/skel, owned by the user, mode 0700.  A link at the
+    home (from an overlay) is followed in the tree, and a missing target is
+    created; a link to a directory the image already has is refused, since
+    that directory would be handed to the user."""
+    rel = home.lstrip("/")
+    try:
+        real = root.resolve(rel)
+    except FileNotFoundError:
+        real = rel  # missing: made below, links and all
+    if real != rel:
+        st = root.stat(rel)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise AccountError(f"home {home} is a symlink to /{real}, a directory the image already "
+                               "has; it would be given to the user")
+    target = root.makedirs(rel)
+    if root.is_dir("etc/skel"):
+        root.copy_tree("etc/skel", target)  # what the overlay put in the home wins
+    root.chown_tree(target, uid, gid)
+    root.chmod(target, 0o700)

@@ -132,9 +132,10 @@ def run_in(tree: Path, argv: Sequence[str], log: Log, arch: str, env: Mapping[st
 
 def install_script(tree: Path, name: str, text: str) -> str:
     """Put a build script into the tree's /.hypersolid (not /tmp: nspawn
-    mounts a tmpfs there); returns its path inside the tree."""
-    d = Path(tree) / ".hypersolid"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / name).write_text(text)
-    (d / name).chmod(0o755)
+    mounts a tmpfs there), made afresh each time; returns its path inside
+    the tree."""
+    from . import intree
+    with intree.Root(tree) as root:
+        root.fresh_dir(".hypersolid")  # whatever was there (a link, a package's) goes
+        root.write_text(f".hypersolid/{name}", text, 0o755)
     return f"/.hypersolid/{name}"

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+from . import intree
 from .container import run_in
 from .run import CommandTimeout, HookError, Log, run
 
@@ -84,9 +85,12 @@ def run_in_tree(unit, kind: str, tree: Path, log: Log, env: Mapping[str, str] | 
     if not hooks:
         return
     inside = Path(".hypersolid/hooks") / kind
-    (tree / inside).mkdir(parents=True, exist_ok=True)
-    for hook in hooks:
-        run(["cp", "-p", hook, tree / inside / hook.name], log)
+    with intree.Root(tree) as root:
+        root.fresh_dir(".hypersolid")  # a pre-existing one (a link, a package's) goes
+        root.makedirs(str(inside))
+        for hook in hooks:
+            root.copy_file(hook, str(inside / hook.name))
+            log.note(f"# copied {hook} to /{inside / hook.name}")
     for hook in hooks:
         log.note(f"# {kind} hook {hook.name}")
         argv = [f"/{inside}/{hook.name}"]
@@ -96,7 +100,8 @@ def run_in_tree(unit, kind: str, tree: Path, log: Log, env: Mapping[str, str] | 
         if status != 0:
             raise log.fail(f"hook {_rel(unit, hook)} failed with exit status {status}", argv,
                            error=HookError)
-    run(["rm", "-rf", tree / ".hypersolid/hooks"], log)
+    with intree.Root(tree) as root:
+        root.remove(".hypersolid/hooks")
 
 
 def run_workspace_hook(root: Path, name: str, env: Mapping[str, str], log: Log) -> bool:

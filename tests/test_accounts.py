@@ -211,3 +211,27 @@ def test_user_named_like_an_existing_group_does_not_duplicate_the_group(tree):
     for name in ("group", "gshadow"):
         names = [line.split(":")[0] for line in (tree / "etc" / name).read_text().splitlines()]
         assert names.count("staff") == 1, f"etc/{name} has {names.count('staff')} 'staff' groups"
+
+
+def test_links_at_the_home_and_shadow_plus_are_followed_inside_the_tree(tree, tmp_path):
+    host = tmp_path / "host"
+    (host / "home").mkdir(parents=True)
+    (host / "shadow").write_text("host\n")
+    os.chmod(host / "home", 0o751)
+    (tree / "home").mkdir()
+    (tree / "home/alice").symlink_to(host / "home")
+    (tree / "etc/shadow+").symlink_to(host / "shadow")
+    apply(tree, (user(),), None)
+    assert os.listdir(host / "home") == [] and stat.S_IMODE((host / "home").stat().st_mode) == 0o751
+    assert (host / "home").stat().st_uid != 1000 and (host / "shadow").read_text() == "host\n"
+    inside = tree / str(host / "home").lstrip("/")
+    assert (inside / ".bashrc").exists() and inside.stat().st_uid == 1000
+    assert (tree / "home/alice").is_symlink() and (tree / "etc/shadow+").is_symlink()
+    assert "alice" in rows(tree, "shadow")
+
+
+def test_a_home_linked_to_a_directory_of_the_image_is_refused(tree):
+    (tree / "home").mkdir()
+    (tree / "home/alice").symlink_to("/etc")
+    with pytest.raises(AccountError, match="home /home/alice is a symlink to /etc"):
+        apply(tree, (user(),), None)

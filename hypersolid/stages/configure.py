@@ -80,7 +80,7 @@ fi
 @register
 class Configure(Stage):
     name = "configure"
-    helpers = ("hypersolid.container", "hypersolid.dpkg", "hypersolid.hooks")
+    helpers = ("hypersolid.container", "hypersolid.dpkg", "hypersolid.hooks", "hypersolid.intree")
     upstream = ("bootstrap",)
     doc = "packages configured in a container (dpkg --configure, pre-configure hooks)"
     reads = ("locale",)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import accounts, hooks
+from .. import accounts, hooks, intree
 from ..dpkg import host_version, write_package_manifest
 from ..mounts import release_view, writable_view
 from ..run import Log, run
 from . import Stage, Unit, register
-from .rootfs import copy_overlay
+from .rootfs import _origins, copy_overlay
 
 MIN_IMAGE_BYTES = 1 << 20
 
@@ -65,7 +65,7 @@ def mksquashfs_args(compression: str, level: int | None) -> list[str]:
 class Squashfs(Stage):
     name = "squashfs"
     helpers = ("hypersolid.accounts", "hypersolid.container", "hypersolid.dpkg",
-               "hypersolid.hooks", "hypersolid.mounts")
+               "hypersolid.hooks", "hypersolid.intree", "hypersolid.mounts")
     upstream = ("configure", "rootfs")
     doc = "system image: configured tree + overlay + users/services/hooks, packed by mksquashfs"
     reads = ("hostname", "timezone", "users", "root_password", "services_enable", "services_disable",
@@ -87,14 +87,14 @@ class Squashfs(Stage):
         self._settings(unit, tree, log)
         hooks.run_in_tree(unit, "post-configure", tree, log)
         write_package_manifest(tree, out / "packages.tsv")
-        run(["sh", "-c", 'cd "$0" && rm -rf -- ' + " ".join(LEFTOVERS), tree], log)
-        (tree / "boot").mkdir(exist_ok=True)
-        (tree / "etc/machine-id").write_text("")
-        for link, dest in BUILD_ID_LINKS.items():
-            (tree / link).parent.mkdir(parents=True, exist_ok=True)
-            if os.path.lexists(tree / link):
-                (tree / link).unlink()
-            (tree / link).symlink_to(dest)
+        with intree.Root(tree) as root:  # links in the tree followed inside it, never onto the host
+            for pattern in LEFTOVERS:
+                for gone in root.remove_matching(pattern):
+                    log.note(f"# removed /{gone}")
+            root.makedirs("boot")
+            root.write_text("etc/machine-id", "", mode=0o444)
+            for link, dest in BUILD_ID_LINKS.items():
+                root.symlink(dest, link)
         tree.chmod(0o755)
 
         image = out / image_name(unit.arch)
@@ -107,21 +107,33 @@ class Squashfs(Stage):
         release_view(work, log)
 
     def _settings(self, unit: Unit, tree: Path, log: Log) -> None:
+        """Hostname, hosts, timezone, users and services, written in the tree
+        as the image resolves paths (intree): a link from an overlay or a
+        package is written through inside the tree and stays a link."""
         t = unit.target
-        (tree / "etc/hostname").write_text(t.hostname + "\n")
-        hosts = tree / "etc/hosts"
-        if not hosts.exists() or t.hostname not in hosts.read_text().split():
-            hosts.write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{t.hostname}\n"
-                             "::1\tlocalhost ip6-localhost ip6-loopback\n")
-        zone = tree / "usr/share/zoneinfo" / t.timezone
-        if t.timezone not in ("Etc/UTC", "UTC") and not zone.exists():
-            raise log.fail(f"timezone {t.timezone}: no {zone.relative_to(tree)} in the image "
-                           "(add the package 'tzdata')")
-        localtime = tree / "etc/localtime"
-        if localtime.is_symlink() or localtime.exists():
-            localtime.unlink()
-        localtime.symlink_to(f"/usr/share/zoneinfo/{t.timezone}")
-        (tree / "etc/timezone").write_text(t.timezone + "\n")
+        origin = _origins(unit.without_arch().output("rootfs") / "tree")
+
+        def fail(rel: str, what: str):
+            return log.fail(f"{origin(rel, rel)}: {what}")
+
+        with intree.Root(tree) as root:
+            try:
+                rel = "etc/hostname"
+                root.write_text(rel, t.hostname + "\n")
+                rel = "etc/hosts"
+                if not root.exists(rel) or t.hostname not in root.read_text(rel).split():
+                    root.write_text(rel, f"127.0.0.1\tlocalhost\n127.0.1.1\t{t.hostname}\n"
+                                    "::1\tlocalhost ip6-localhost ip6-loopback\n")
+                zone = f"usr/share/zoneinfo/{t.timezone}"
+                if t.timezone not in ("Etc/UTC", "UTC") and not root.exists(zone):
+                    raise log.fail(f"timezone {t.timezone}: no {zone} in the image "
+                                   "(add the package 'tzdata')")
+                rel = "etc/localtime"
+                root.symlink(f"/usr/share/zoneinfo/{t.timezone}", rel)
+                rel = "etc/timezone"
+                root.write_text(rel, t.timezone + "\n")
+            except OSError as err:
+                raise fail(rel, f"cannot write {rel} in the image: {err.strerror or err}") from None
         try:
             accounts.apply(tree, t.users, t.root_password)
         except accounts.AccountError as err:
