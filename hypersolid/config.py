@@ -175,7 +175,7 @@ class MapOf:
 class Field:
     type: Any
     default: Any = None
-    merge: str = "replace"  # replace | union | record | by_name | union_map | own
+    merge: str = "replace"  # replace | union | record | by_name | union_map | services | own
     required: bool = False
 
 
@@ -196,6 +196,35 @@ class Record:
         for name, field in self.fields.items():
             if field.required and name not in out:
                 _fail(file, node, _join(key, name), "required key is missing")
+        return out
+
+
+UNIT_SUFFIXES = (".service", ".socket", ".target", ".timer", ".path", ".mount", ".automount",
+                 ".swap", ".slice", ".scope", ".device")
+
+
+def unit_id(name: str) -> str:
+    """The unit systemctl means: `ssh` and `ssh.service` are one unit."""
+    return name if name.endswith(UNIT_SUFFIXES) else name + ".service"
+
+
+class Services(Record):
+    """`services: {enable: [...], disable: [...]}`: one state per unit.
+
+    Within one file a unit is in one list only; across layers the later
+    layer's state wins (see _merge_services)."""
+
+    def check(self, file, node, key):
+        out = super().check(file, node, key)
+        enabled = {unit_id(u): u for u in out.get("enable", [])}
+        for knode, name, vnode in _pairs(file, node, key):
+            if name != "disable":
+                continue
+            for i, (unode, unit) in enumerate(zip(vnode.value, out["disable"])):
+                if unit_id(unit) in enabled:
+                    _fail(file, unode, f"{_join(key, name)}[{i}]",
+                          f"{unit!r} is in services.enable of this file too; "
+                          "a unit is either enabled or disabled")
         return out
 
 
@@ -238,8 +267,8 @@ SETTINGS = Record(
     timezone=Field(Str(r"[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*", "a zone name such as Europe/Berlin"), "Etc/UTC"),
     users=Field(NamedList(USER), [], "by_name"),
     root_password=Field(Optional(CRYPT)),
-    services=Field(Record(enable=Field(ListOf(UNIT), [], "union"),
-                          disable=Field(ListOf(UNIT), [], "union")), {}, "record"),
+    services=Field(Services(enable=Field(ListOf(UNIT), []),
+                            disable=Field(ListOf(UNIT), [])), {}, "services"),
     squashfs=Field(Record(compression=Field(Choice(*COMPRESSIONS, what="compression"), "zstd"),
                           level=Field(Optional(Int(1, 22)))), {}, "record"),
     image=Field(Choice(*IMAGE_TYPES, what="image type"), "img"),
@@ -265,11 +294,26 @@ def _union(a: list, b: list) -> list:
     return list(dict.fromkeys([*a, *b]))
 
 
+def _merge_services(base: dict, child: dict) -> dict:
+    """A later layer's enable or disable of a unit replaces an earlier
+    layer's, so the result has each unit in one list at most."""
+    state = {unit_id(u): ("enable", u) for u in base.get("enable", [])}
+    state.update({unit_id(u): ("disable", u) for u in base.get("disable", [])})
+    for verb in ("enable", "disable"):
+        for unit in child.get(verb, []):
+            if state.get(unit_id(unit), (None,))[0] != verb:
+                state.pop(unit_id(unit), None)  # a unit whose state changes goes last
+                state[unit_id(unit)] = (verb, unit)
+    return {verb: [u for v, u in state.values() if v == verb] for verb in ("enable", "disable")}
+
+
 def _merge_record(record: Record, base: dict, child: dict) -> dict:
     out = dict(base)
     for name, value in child.items():
         field = record.fields[name]
-        if name not in out or field.merge == "replace":
+        if field.merge == "services":
+            out[name] = _merge_services(out.get(name, {}), value)
+        elif name not in out or field.merge == "replace":
             out[name] = value
         elif field.merge == "union":
             out[name] = _union(out[name], value)

@@ -210,6 +210,21 @@ BAD = [
             mirror: http://deb.debian.org/debian
             sections:
               - name: debian
+            services:
+              enable: [ssh, cron]
+              disable:
+                - getty@tty1
+                - ssh.service
+            """},
+        "t", "t", "services.disable[1]", 10, "'ssh.service' is in services.enable of this file too",
+        id="unit-enabled-and-disabled-in-one-file"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
             squashfs:
               level: 3
               compression: brotli
@@ -588,6 +603,27 @@ def test_record_settings_merge_key_by_key(root):
     assert t.services_enable == ("svc-a", "svc-b")
     assert t.services_disable == ("off-a",)
     assert (t.compression, t.compression_level) == ("xz", 5)
+
+
+def test_a_later_layer_re_enables_or_disables_an_inherited_unit(root):
+    write(root, "base", textwrap.dedent(BASE) + "services:\n  enable: [ssh, cron]\n  disable: [getty@tty1, rsync]\n")
+    write(root, "mid", "abstract: true\nextends: base\nservices:\n  disable: [ssh.service]\n")
+    write(root, "t", "extends: mid\narchitectures: [amd64]\nservices: {enable: [getty@tty1.service, ssh]}\n")
+    project = Project(root)
+    mid = project.load("mid")
+    assert (mid.services_enable, mid.services_disable) == (("cron",), ("getty@tty1", "rsync", "ssh.service"))
+    t = project.load("t")
+    assert t.services_enable == ("cron", "getty@tty1.service", "ssh")   # the last layer's word
+    assert t.services_disable == ("rsync",)
+
+
+def test_merged_services_never_name_a_unit_twice(root):
+    write(root, "a", textwrap.dedent(BASE) + "services: {enable: [x, y], disable: [z]}\n")
+    write(root, "b", "abstract: true\nservices: {enable: [z, x.service], disable: [y]}\n")
+    write(root, "t", "extends: [a, b]\narchitectures: [amd64]\nservices: {enable: [x, x]}\n")
+    t = Project(root).load("t")
+    assert t.services_enable == ("x", "z") and t.services_disable == ("y",)
+    assert len({*t.services_enable, *t.services_disable}) == 3
 
 
 def test_layers_run_generic_first_and_each_target_once(root):
