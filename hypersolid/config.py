@@ -232,7 +232,18 @@ class Services(Record):
 
 PACKAGE = Str(r"[a-z0-9][a-z0-9+.\-]*(:[a-z0-9]+)?([=/][A-Za-z0-9+.~:\-]+)?", "a Debian package name")
 PACKAGES = ListOf(PACKAGE)
-CRYPT = Str(r"(\$[0-9a-z]+\$\S+|!|\*)", "a crypt(3) hash such as $6$... (make one with `mkpasswd -m sha-512`), '!' or '*'")
+# crypt(3) hashes as /etc/shadow holds them: only the characters of each
+# format ([./0-9A-Za-z] between `$` separators), so a value can never carry a
+# `:` or a newline into shadow.  yescrypt, sha-512/256 (with rounds=N), bcrypt,
+# md5; `!` or `*` alone lock the password, `!` before a hash locks that hash.
+_B64 = r"[./0-9A-Za-z]"
+CRYPT_HASH = (rf"\$y\${_B64}+\${_B64}+\${_B64}+"
+              rf"|\$[56]\$(rounds=[0-9]{{1,9}}\$)?{_B64}+\${_B64}+"
+              rf"|\$2b\$[0-9]{{2}}\${_B64}+"
+              rf"|\$1\${_B64}*\${_B64}+")
+CRYPT = Str(rf"!?({CRYPT_HASH})|!|\*",
+            "a crypt(3) hash ($y$, $6$, $5$, $2b$ or $1$ and only the characters [./0-9A-Za-z] "
+            "between the $ fields; make one with `mkpasswd -m sha-512`), '!' or '*' (locked)")
 URL = Str(r"(https?|file)://\S+", "an http(s):// or file:// URL")
 NAME = Str(r"[a-z_][a-z0-9_-]*", "a user/group name")
 UNIT = Str(r"[A-Za-z0-9@_.:\\-]+", "a systemd unit name")
@@ -250,7 +261,7 @@ USER = Record(
     groups=Field(ListOf(NAME), [], "union"),
     sudo=Field(Bool(), False),
     password=Field(Optional(CRYPT)),
-    shell=Field(Str(r"/\S+", "an absolute path"), "/bin/bash"),
+    shell=Field(Str(r"/[^\s:]+", "an absolute path without ':' or spaces"), "/bin/bash"),
 )
 SETTINGS = Record(
     extends=Field(ListOf(Str(r"[A-Za-z0-9_.\-]+", "a target name"), single_ok=True), [], "own"),

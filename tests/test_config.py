@@ -222,6 +222,83 @@ BAD = [
         {"t": """\
             architectures: [amd64]
             suite: bookworm
+            root_password: "$6$salt$hash:0:99999:7:::"
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            """},
+        "t", "t", "root_password", 3, "'$6$salt$hash:0:99999:7:::' is not a crypt(3) hash",
+        id="colon-in-root-password"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            root_password: "$6$salt$hash\\nintruder::0:0:::::"
+            """},
+        "t", "t", "root_password", 6, "'$6$salt$hash\\nintruder::0:0:::::' is not a crypt(3) hash",
+        id="newline-in-root-password"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            users:
+              - name: alice
+                password: |
+                  $y$j9T$salt$hash
+                  mallory::0:0:::::
+            """},
+        "t", "t", "users[0].password", 8, "is not a crypt(3) hash",
+        id="newline-in-user-password"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            users:
+              - name: alice
+              - name: bob
+                password: '!$6$sa:lt$hash'
+            """},
+        "t", "t", "users[1].password", 9, "'!$6$sa:lt$hash' is not a crypt(3) hash",
+        id="colon-in-user-password"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            users:
+              - name: alice
+                password: '$6$salt$'
+            """},
+        "t", "t", "users[0].password", 8, "'$6$salt$' is not a crypt(3) hash",
+        id="truncated-password-hash"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            users:
+              - name: alice
+                shell: "/bin/sh:0:0"
+            """},
+        "t", "t", "users[0].shell", 8, "is not an absolute path without ':'",
+        id="colon-in-shell"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
             mirror: http://deb.debian.org/debian
             sections:
               - name: debian
@@ -707,6 +784,32 @@ def test_locked_password_markers_are_accepted(root):
     t = Project(root).load("t")
     assert t.root_password == "*"
     assert [u.password for u in t.users] == ["!", None]
+
+
+@pytest.mark.parametrize("hash", [
+    "$y$j9T$F5Jx5fExrKuPp53xLKQ..1$X3DX6M94c7o.9agCG9G317fhZg9SqC.5i5rd.RhAtQ7",
+    "$6$7Hj0mRsalt$" + "a/." * 28 + "xy",
+    "$6$rounds=656000$salt$hash",
+    "$5$salt$hash0123456789",
+    "$2b$12$" + "N9qo8uLOickgx2ZMRZoMye" + "IjZAgcfl7p92ldGxad68LJZdL17lhWy",
+    "$1$saltsalt$hashhashhashhashhashha",
+    "!$6$salt$hashhashhash",   # a hash kept but locked
+    "!", "*",
+])
+def test_crypt_formats_are_accepted(root, hash):
+    write(root, "t", f"""\
+        architectures: [amd64]
+        suite: bookworm
+        mirror: http://deb.debian.org/debian
+        sections:
+          - name: debian
+        root_password: '{hash}'
+        users:
+          - name: alice
+            password: '{hash}'
+        """)
+    t = Project(root).load("t")
+    assert t.root_password == hash and t.users[0].password == hash
 
 
 def test_buildable_lists_non_abstract_targets_sorted(root):
