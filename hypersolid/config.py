@@ -9,6 +9,7 @@ that order with each setting's merge rule; nothing else merges config.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -41,9 +42,12 @@ class ConfigError(Exception):
 
 
 def _display(path: Path) -> str:
+    """Relative to the working directory if below it; a symlink is shown as
+    the link (its target may be the very problem), and never followed."""
+    path = Path(os.path.abspath(path))
     try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
         return str(path)
 
 
@@ -59,13 +63,35 @@ _KIND = {yaml.ScalarNode: "a scalar", yaml.SequenceNode: "a list", yaml.MappingN
 _TAG = {"str": "a string", "int": "an integer", "bool": "true/false", "null": "null", "float": "a number"}
 
 
+_CORE = "tag:yaml.org,2002:"
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr() for a message: one line, not the whole of a huge value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 4] + "...'"
+
+
+def _plain(file, node, key) -> None:
+    """Only YAML's own types: `!!python/object` and local `!tags` are refused."""
+    if not node.tag.startswith(_CORE) or "/" in node.tag[len(_CORE):]:
+        tag = "!!" + node.tag[len(_CORE):] if node.tag.startswith(_CORE) else node.tag
+        _fail(file, node, key, f"YAML tag {_short(tag)} is not allowed (plain YAML values only)")
+
+
 def _scalar(file, node, key, tag: str, want: str):
+    _plain(file, node, key)
     if not isinstance(node, yaml.ScalarNode):
         _fail(file, node, key, f"expected {want}, got {_KIND[type(node)]}")
     got = node.tag.rsplit(":", 1)[-1]
     if got != tag:
-        _fail(file, node, key, f"expected {want}, got {_TAG.get(got, got)} {node.value!r}")
-    return yaml.constructor.SafeConstructor().construct_object(node)
+        _fail(file, node, key, f"expected {want}, got {_TAG.get(got, got)} {_short(node.value)}")
+    if tag == "int" and len(node.value) > 30:
+        _fail(file, node, key, f"{_short(node.value)} is not an integer of sane size")
+    try:
+        return yaml.constructor.SafeConstructor().construct_object(node)
+    except (ValueError, KeyError, TypeError, yaml.YAMLError):  # e.g. `!!int abc`, `!!bool maybe`
+        _fail(file, node, key, f"expected {want}, got {_short(node.value)}")
 
 
 class Str:
@@ -75,7 +101,7 @@ class Str:
     def check(self, file, node, key):
         value = _scalar(file, node, key, "str", "a string")
         if self.pattern and not re.fullmatch(self.pattern, value):
-            _fail(file, node, key, f"{value!r} is not {self.hint}")
+            _fail(file, node, key, f"{_short(value)} is not {self.hint}")
         return value
 
 
@@ -102,7 +128,7 @@ class Choice:
     def check(self, file, node, key):
         value = _scalar(file, node, key, "str", "one of " + ", ".join(self.values))
         if value not in self.values:
-            _fail(file, node, key, f"unknown {self.what} {value!r} (known: {', '.join(self.values)})")
+            _fail(file, node, key, f"unknown {self.what} {_short(value)} (known: {', '.join(self.values)})")
         return value
 
 
@@ -123,6 +149,7 @@ class ListOf:
     def check(self, file, node, key):
         if self.single_ok and isinstance(node, yaml.ScalarNode):
             return [self.item.check(file, node, key)]
+        _plain(file, node, key)
         if not isinstance(node, yaml.SequenceNode):
             _fail(file, node, key, f"expected a list, got {_KIND[type(node)]}")
         return [self.item.check(file, n, f"{key}[{i}]") for i, n in enumerate(node.value)]
@@ -142,6 +169,7 @@ class NamedList(ListOf):
 
 
 def _pairs(file, node, key):
+    _plain(file, node, key)
     if not isinstance(node, yaml.MappingNode):
         _fail(file, node, key, f"expected a mapping, got {_KIND[type(node)]}")
     seen = set()
@@ -264,7 +292,7 @@ USER = Record(
     shell=Field(Str(r"/[^\s:]+", "an absolute path without ':' or spaces"), "/bin/bash"),
 )
 SETTINGS = Record(
-    extends=Field(ListOf(Str(r"[A-Za-z0-9_.\-]+", "a target name"), single_ok=True), [], "own"),
+    extends=Field(ListOf(Str(r"(?!\.\.?$)[A-Za-z0-9_.\-]+", "a target name"), single_ok=True), [], "own"),
     abstract=Field(Bool(), False, "own"),
     description=Field(Str(), "", "own"),
     architectures=Field(ListOf(Choice(*ARCHITECTURES, what="architecture"), single_ok=True)),
@@ -470,19 +498,76 @@ def _target_file(targets_dir: Path, name: str) -> Path:
     return targets_dir / name / "target.yaml"
 
 
-@lru_cache(maxsize=None)
-def _read_layer(file: Path) -> tuple[dict, dict]:
-    """Checked values of one file, plus the line of each top-level key."""
+MAX_TARGET_BYTES = 1 << 20  # a target is settings, not data
+
+
+def _read_text(file: Path) -> str:
+    """The file's text: a regular file inside targets/, UTF-8, of sane size."""
+    targets_dir = file.parent.parent
     try:
-        text = file.read_text()
-    except OSError as err:
-        raise ConfigError(file, 1, "", f"cannot read target: {err.strerror}") from None
+        real = file.resolve()
+        inside = real.is_relative_to(targets_dir.resolve())
+        if inside and not real.is_file():
+            what = ("a directory" if real.is_dir() else "a symlink to a missing file" if not real.exists()
+                    else "not a regular file")
+            raise ConfigError(file, 1, "", f"cannot read target: {_display(file)} is {what}")
+        size = real.stat().st_size if inside else 0
+        data = real.read_bytes() if inside and size <= MAX_TARGET_BYTES else b""
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
+        raise ConfigError(file, 1, "", f"cannot read target: {getattr(err, 'strerror', None) or err}") from None
+    if not inside:
+        raise ConfigError(file, 1, "", f"target.yaml resolves to {real}, outside "
+                          f"{_display(targets_dir)}/ (a symlink?): targets are read from there only")
+    if size > MAX_TARGET_BYTES:
+        raise ConfigError(file, 1, "", f"target.yaml is {size} bytes; more than "
+                          f"{MAX_TARGET_BYTES} is not a target")
     try:
-        node = yaml.compose(text)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError(file, line, "", f"not UTF-8 text (byte 0x{data[err.start]:02x} at column "
+                          f"{column}); save the file as UTF-8") from None
+
+
+class _Loader(yaml.SafeLoader):
+    """Composes nodes only (no tag ever constructs an object) and refuses
+    aliases: an alias makes one node appear in many places (an alias bomb,
+    a list that contains itself) and its errors name the anchor's line, not
+    the use; targets share settings through `extends` instead."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor}: YAML anchors and aliases are not supported "
+                "in targets (share settings with extends)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _compose(file: Path, text: str) -> yaml.Node | None:
+    """The YAML node tree, nothing constructed yet."""
+    try:
+        return yaml.compose(text, Loader=_Loader)
+    except yaml.reader.ReaderError as err:
+        line = text[:err.position].count("\n") + 1
+        raise ConfigError(file, line, "", f"invalid YAML: character #x{err.character:04x}: "
+                          f"{err.reason}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         line = mark.line + 1 if mark else 1
-        raise ConfigError(file, line, "", f"invalid YAML: {getattr(err, 'problem', err)}") from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        if "'\\t'" in problem:
+            problem += " (indent with spaces, not tabs)"
+        raise ConfigError(file, line, "", f"invalid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(file, 1, "", "invalid YAML: nested too deeply") from None
+
+
+@lru_cache(maxsize=None)
+def _read_layer(file: Path) -> tuple[dict, dict]:
+    """Checked values of one file, plus the line of each top-level key."""
+    node = _compose(file, _read_text(file))
     if node is None:
         return {}, {}
     values = SETTINGS.check(file, node, "")
@@ -498,7 +583,7 @@ def _linearise(targets_dir: Path, name: str, chain: tuple[str, ...] = ()) -> lis
         if parent == name or parent in chain:
             raise ConfigError(file, lines["extends"], "extends",
                               f"inheritance cycle: {' -> '.join([*chain, name, parent])}")
-        if not _target_file(targets_dir, parent).is_file():
+        if not os.path.lexists(_target_file(targets_dir, parent)):
             known = ", ".join(p.parent.name for p in sorted(targets_dir.glob("*/target.yaml")))
             raise ConfigError(file, lines["extends"], "extends",
                               f"no target {parent!r} (no {_display(_target_file(targets_dir, parent))}; known: {known})")
@@ -511,7 +596,7 @@ def _linearise(targets_dir: Path, name: str, chain: tuple[str, ...] = ()) -> lis
 @lru_cache(maxsize=None)
 def _load_target(targets_dir: Path, name: str) -> Target:
     file = _target_file(targets_dir, name)
-    if not file.is_file():
+    if not os.path.lexists(file):  # anything else there is _read_layer's to explain
         known = ", ".join(p.parent.name for p in sorted(targets_dir.glob("*/target.yaml")))
         raise ConfigError(file, 0, "", f"no such target {name!r} (known: {known or 'none'})")
     order = _linearise(targets_dir, name)

@@ -1,6 +1,7 @@
 """Target YAML: loading, validation (file, line, key path) and merging."""
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -486,6 +487,92 @@ def test_bad_target_names_file_key_and_line(root, files, load, culprit, key, lin
     prefix = f"{path}:{line}: {key}: " if key else f"{path}:{line}: "
     assert str(err).startswith(prefix), str(err)
     assert message in err.message, str(err)
+
+
+# Malformed files: raw bytes, the 1-based line, the key path ("" for the
+# file as a whole) and a fragment of the message.  Never a traceback, and
+# nothing is constructed from a tag.
+MALFORMED = [
+    pytest.param(b"architectures: [amd64]\nhostname: caf\xe9\n", 2, "",
+                 "not UTF-8 text (byte 0xe9 at column 14)", id="not-utf-8"),
+    pytest.param(b"architectures: [amd64]\nhostname: a\x00b\n", 2, "",
+                 "invalid YAML: character #x0000: special characters are not allowed", id="nul-byte"),
+    pytest.param(b"a: &a [lol, lol, lol]\nb: &b [*a, *a, *a]\nkernel_cmdline: [*b, *b, *b]\n", 2, "",
+                 "alias *a: YAML anchors and aliases are not supported", id="alias-bomb"),
+    pytest.param(b"architectures: [amd64]\nkernel_cmdline: &k [*k]\n", 2, "",
+                 "alias *k: YAML anchors and aliases", id="list-containing-itself"),
+    pytest.param(b"architectures: [amd64]\nsquashfs: {level: " + b"9" * 5000 + b"}\n", 2, "squashfs.level",
+                 "is not an integer of sane size", id="huge-integer"),
+    pytest.param(b"squashfs:\n  level: !!int twelve\n", 2, "squashfs.level",
+                 "expected an integer, got 'twelve'", id="int-tag-on-text"),
+    pytest.param(b"architectures:\n\t- amd64\n", 2, "",
+                 "found character '\\t' that cannot start any token (indent with spaces, not tabs)",
+                 id="tab-indented"),
+    pytest.param(b"- architectures: [amd64]\n- suite: bookworm\n", 1, "",
+                 "expected a mapping, got a list", id="top-level-list"),
+    pytest.param(b"architectures: [amd64]\nhostname: !!python/object/apply:os.system [touch /tmp/pwned]\n",
+                 2, "hostname", "YAML tag '!!python/object/apply:os.system' is not allowed", id="python-tag"),
+    pytest.param(b"!!python/object/apply:os.system\n- touch /tmp/pwned\n", 1, "",
+                 "YAML tag '!!python/object/apply:os.system' is not allowed", id="python-tag-on-document"),
+    pytest.param(b"kernel_cmdline: " + b"[" * 3000 + b"]" * 3000 + b"\n", 1, "",
+                 "invalid YAML: nested too deeply", id="deeply-nested"),
+    pytest.param(b"", 1, "architectures", "required to build this target", id="empty-file"),
+    pytest.param(b"hostname: " + b"x" * (1 << 20) + b"\n", 1, "",
+                 "more than 1048576 is not a target", id="huge-file"),
+    pytest.param(b"extends: [..]\n", 1, "extends[0]", "'..' is not a target name", id="extends-parent-dir"),
+]
+
+
+@pytest.mark.parametrize("data, line, key, message", MALFORMED)
+def test_malformed_file_is_one_config_error(root, data, line, key, message):
+    path = root / "targets/t/target.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        Project(root).load("t")
+    err = info.value
+    assert (err.file, err.line, err.key) == (target_file(root, "t"), line, key), str(err)
+    assert message in err.message and "\n" not in str(err) and len(str(err)) < 400, str(err)
+
+
+def test_a_target_yaml_that_is_a_directory_or_a_fifo_is_one_config_error(root):
+    path = root / "targets/t/target.yaml"
+    path.mkdir(parents=True)
+    assert Project(root).target_names() == ["t"]
+    with pytest.raises(ConfigError) as info:
+        Project(root).load("t")
+    assert str(info.value) == f"{target_file(root, 't')}:1: cannot read target: {target_file(root, 't')} is a directory"
+    path.rmdir()
+    os.mkfifo(path)  # never opened: it would block
+    clear_caches()
+    with pytest.raises(ConfigError) as info:
+        Project(root).load("t")
+    assert info.value.message.endswith("is not a regular file")
+
+
+def test_a_target_yaml_linked_from_outside_targets_is_refused(root, tmp_path):
+    outside = tmp_path / "outside.yaml"
+    outside.write_text("architectures: [amd64]\n")
+    link = (root / "targets").resolve() / "t/target.yaml"
+    link.parent.mkdir()
+    link.symlink_to(outside)
+    with pytest.raises(ConfigError) as info:
+        Project(root).load("t")
+    assert info.value.file == link and info.value.line == 1   # the link, not where it points
+    assert f"target.yaml resolves to {outside.resolve()}, outside" in info.value.message
+    link.unlink()
+    link.symlink_to("target.yaml")  # a loop
+    clear_caches()
+    with pytest.raises(ConfigError) as info:
+        Project(root).load("t")
+    assert "cannot read target: Symlink loop" in info.value.message and info.value.file == link
+
+
+def test_a_link_inside_targets_is_followed(root):
+    write(root, "real", BASE.replace("abstract: true", "architectures: [amd64]"))
+    (root / "targets/alias").mkdir()
+    (root / "targets/alias/target.yaml").symlink_to("../real/target.yaml")
+    assert Project(root).load("alias").suite == "bookworm"
 
 
 def test_unknown_architecture_names_file_key_and_line(root):
