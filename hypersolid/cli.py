@@ -71,14 +71,8 @@ def resolve(spec: str, workspace: str | None) -> tuple[Project, Target]:
 
 
 def buildable_names(project: Project) -> list[str]:
-    names = []
-    for name in project.target_names():
-        try:
-            if not project.load(name).abstract:
-                names.append(name)
-        except ConfigError:
-            pass
-    return names
+    """The targets that load and are not abstract (bad ones are left out)."""
+    return [t.name for t in project.buildable()]
 
 
 def cache_of(project: Project) -> Cache:

@@ -468,6 +468,17 @@ def hook_order(name: str) -> tuple:
     return (0, int(digits.group()), name) if digits else (1, 0, name)
 
 
+class Buildable(list):
+    """Project.buildable(): a list of the targets that load and are not
+    abstract, by name, plus `errors`: {name: ConfigError} of the targets that
+    do not load (but a target whose own file says `abstract: true` is left
+    out; its error is its children's)."""
+
+    def __init__(self, targets: list[Target], errors: dict[str, ConfigError]):
+        super().__init__(targets)
+        self.errors = errors
+
+
 class Project:
     """A checkout: targets/, the generic rootfs/ overlay, and where builds go."""
 
@@ -487,8 +498,30 @@ class Project:
             return []
         return sorted(p.parent.name for p in self.targets_dir.glob("*/target.yaml"))
 
-    def buildable(self) -> list[Target]:
-        return [t for t in (self.load(n) for n in self.target_names()) if not t.abstract]
+    def buildable(self) -> Buildable:
+        """The targets to build, and the errors of those that do not load:
+        a broken target is the concern of whoever builds it, not of every
+        build (see Buildable)."""
+        targets, errors = [], {}
+        for name in self.target_names():
+            try:
+                target = self.load(name)
+            except ConfigError as err:
+                if not self._says_abstract(name):
+                    errors[name] = err
+                continue
+            if not target.abstract:
+                targets.append(target)
+        return Buildable(targets, errors)
+
+    def _says_abstract(self, name: str) -> bool:
+        """Whether a target that does not load says itself it is only a base
+        (then its error is its children's, and is reported with them)."""
+        try:
+            values, _ = _read_layer(_target_file(self.targets_dir.resolve(), name))
+        except ConfigError:
+            return False
+        return values.get("abstract", False)
 
     def load(self, name: str) -> Target:
         return _load_target(self.targets_dir.resolve(), name)

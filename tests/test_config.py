@@ -606,7 +606,7 @@ def test_loading_an_unknown_target_lists_the_known_ones(root):
     assert "no such target 'nope' (known: base, other)" in str(info.value)
 
 
-def test_buildable_fails_on_a_bad_target(root):
+def test_buildable_gives_the_good_targets_and_the_errors_of_the_bad(root):
     write(root, "good", """\
         architectures: [amd64]
         suite: bookworm
@@ -615,10 +615,16 @@ def test_buildable_fails_on_a_bad_target(root):
           - name: debian
         """)
     write(root, "bad", "architectures: [vax]\n")
-    with pytest.raises(ConfigError) as info:
-        Project(root).buildable()
-    assert info.value.key == "architectures[0]"
-    assert info.value.file == target_file(root, "bad")
+    write(root, "loop", "extends: [loop2]\n")
+    write(root, "loop2", "abstract: true\nextends: [loop]\n")  # says it is a base: its children report it
+    buildable = Project(root).buildable()
+    assert [t.name for t in buildable] == ["good"]
+    assert sorted(buildable.errors) == ["bad", "loop"]
+    bad = buildable.errors["bad"]
+    assert (bad.file, bad.line, bad.key) == (target_file(root, "bad"), 1, "architectures[0]")
+    loop = buildable.errors["loop"]
+    assert (loop.file, loop.line, loop.key) == (target_file(root, "loop2"), 2, "extends")  # closes the cycle
+    assert "inheritance cycle: loop -> loop2 -> loop" in loop.message
 
 
 # --- shipped targets ------------------------------------------------------------
