@@ -531,7 +531,8 @@ def _target_file(targets_dir: Path, name: str) -> Path:
     return targets_dir / name / "target.yaml"
 
 
-MAX_TARGET_BYTES = 1 << 20  # a target is settings, not data
+MAX_TARGET_BYTES = 256 << 10  # a target is settings, not data (and PyYAML reads ~100 kB/s)
+MAX_FLOW_DEPTH = 64  # PyYAML's scanner is quadratic in [ { nesting: 5000 levels take minutes
 
 
 def _read_text(file: Path) -> str:
@@ -578,8 +579,24 @@ class _Loader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+_QUOTED_OR_COMMENT = re.compile(r""""(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|(?:^|(?<=\s))#[^\n]*""", re.M)
+
+
+def _check_nesting(file: Path, text: str) -> None:
+    """Refuse [ { nesting deeper than MAX_FLOW_DEPTH before PyYAML sees it
+    (brackets in quotes and comments do not count; the count errs high)."""
+    blanked = _QUOTED_OR_COMMENT.sub(lambda m: re.sub(r"[^\n]", " ", m.group()), text)
+    depth = 0
+    for m in re.finditer(r"[\[\]{}]", blanked):
+        depth = depth + 1 if m.group() in "[{" else max(depth - 1, 0)
+        if depth > MAX_FLOW_DEPTH:
+            raise ConfigError(file, text.count("\n", 0, m.start()) + 1, "",
+                              f"invalid YAML: [ and {{ nested more than {MAX_FLOW_DEPTH} deep")
+
+
 def _compose(file: Path, text: str) -> yaml.Node | None:
     """The YAML node tree, nothing constructed yet."""
+    _check_nesting(file, text)
     try:
         return yaml.compose(text, Loader=_Loader)
     except yaml.reader.ReaderError as err:

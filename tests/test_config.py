@@ -514,11 +514,13 @@ MALFORMED = [
                  2, "hostname", "YAML tag '!!python/object/apply:os.system' is not allowed", id="python-tag"),
     pytest.param(b"!!python/object/apply:os.system\n- touch /tmp/pwned\n", 1, "",
                  "YAML tag '!!python/object/apply:os.system' is not allowed", id="python-tag-on-document"),
-    pytest.param(b"kernel_cmdline: " + b"[" * 3000 + b"]" * 3000 + b"\n", 1, "",
-                 "invalid YAML: nested too deeply", id="deeply-nested"),
+    pytest.param(b"kernel_cmdline:\n  - - ok\n  - " + b"[" * 100000, 3, "",
+                 "invalid YAML: [ and { nested more than 64 deep", id="deeply-nested-flow"),
+    pytest.param(b"kernel_cmdline:\n" + b"- " * 2000 + b"x\n", 1, "",
+                 "invalid YAML: nested too deeply", id="deeply-nested-block"),
     pytest.param(b"", 1, "architectures", "required to build this target", id="empty-file"),
-    pytest.param(b"hostname: " + b"x" * (1 << 20) + b"\n", 1, "",
-                 "more than 1048576 is not a target", id="huge-file"),
+    pytest.param(b"hostname: " + b"x" * (256 << 10) + b"\n", 1, "",
+                 "more than 262144 is not a target", id="huge-file"),
     pytest.param(b"extends: [..]\n", 1, "extends[0]", "'..' is not a target name", id="extends-parent-dir"),
 ]
 
@@ -533,6 +535,16 @@ def test_malformed_file_is_one_config_error(root, data, line, key, message):
     err = info.value
     assert (err.file, err.line, err.key) == (target_file(root, "t"), line, key), str(err)
     assert message in err.message and "\n" not in str(err) and len(str(err)) < 400, str(err)
+
+
+def test_brackets_in_quotes_and_comments_are_no_nesting(root):
+    deep = "[" * 100
+    lines = ["raspberrypi:",
+             f"  config_txt: ['{deep}', \"{deep}{{\\\"\", '{deep}''']  # {deep}",
+             f"# {deep}"]
+    write(root, "t", textwrap.dedent(BASE.replace("abstract: true", "architectures: [amd64]"))
+          + "\n".join(lines) + "\n")
+    assert Project(root).load("t").rpi_config_txt == (deep, deep + '{"', deep + "'")
 
 
 def test_a_target_yaml_that_is_a_directory_or_a_fifo_is_one_config_error(root):
