@@ -660,6 +660,11 @@ def test_shipped_base_is_abstract_and_not_buildable():
     assert "qemu-amd64" in names
 
 
+def test_shipped_motd_is_the_one_line_it_should_be():
+    motd = REPO / "targets/qemu-amd64/rootfs/etc/motd"
+    assert motd.read_text() == "hypersolid qemu-amd64: an immutable system. Changes to / vanish at reboot.\n"
+
+
 def test_shipped_kernel_is_only_for_its_architecture():
     t = Project(REPO).load("qemu-amd64")
     assert all("linux-image-amd64" not in s.packages_for("arm64") for s in t.sections)
