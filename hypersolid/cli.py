@@ -50,7 +50,10 @@ def find_workspace(start: Path) -> Path:
 def resolve(spec: str, workspace: str | None) -> tuple[Project, Target]:
     """A target given by name (`rpi4`) or by directory (`targets/rpi4/`)."""
     if "/" in spec or spec in (".", ".."):
-        d = Path(spec).resolve()
+        try:
+            d = Path(spec).resolve()
+        except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
+            raise Failure(f"{spec}: {err}", USAGE) from None
         if not (d / "target.yaml").is_file():
             raise Failure(f"{spec}: no target.yaml in {d}", USAGE)
         if d.parent.name != "targets" or not (d.parent.parent / "dodo.py").is_file():

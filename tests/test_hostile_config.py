@@ -184,6 +184,16 @@ def test_a_target_yaml_linked_to_a_host_file_is_refused(project, tmp_path):
     by_doit.line("bad target: targets/t/target.yaml:1: target.yaml resolves to")
 
 
+def test_a_target_directory_that_is_a_symlink_loop_is_one_line(project, tmp_path):
+    (project.root / "targets/loop").symlink_to("loop")
+    with untouched_host(tmp_path, project.root):
+        by_dir = project.hypersolid("build", "targets/loop/")
+        listed = project.run_doit("list")
+    assert by_dir.status == 2
+    by_dir.line("hypersolid: build targets/loop/: targets/loop/: Symlink loop from")
+    assert listed.status == 0 and "bootfiles:tiny" in listed.output and "Traceback" not in listed.output
+
+
 # --- services: the last layer's word, down to the stage's settings ---------------------
 
 def test_a_child_re_enables_a_unit_its_parent_disabled(project):
