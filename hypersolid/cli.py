@@ -51,7 +51,10 @@ def find_workspace(start: Path) -> Path:
 def resolve(spec: str, workspace: str | None) -> tuple[Project, Target]:
     """A target given by name (`rpi4`) or by directory (`targets/rpi4/`)."""
     if "/" in spec or spec in (".", ".."):
-        d = Path(spec).resolve()
+        try:
+            d = Path(spec).resolve()
+        except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
+            raise Failure(f"{spec}: {err}", USAGE) from None
         if not (d / "target.yaml").is_file():
             raise Failure(f"{spec}: no target.yaml in {d}", USAGE)
         if d.parent.name != "targets" or not (d.parent.parent / "dodo.py").is_file():
@@ -72,14 +75,8 @@ def resolve(spec: str, workspace: str | None) -> tuple[Project, Target]:
 
 
 def buildable_names(project: Project) -> list[str]:
-    names = []
-    for name in project.target_names():
-        try:
-            if not project.load(name).abstract:
-                names.append(name)
-        except ConfigError:
-            pass
-    return names
+    """The targets that load and are not abstract (bad ones are left out)."""
+    return [t.name for t in project.buildable()]
 
 
 def cache_of(project: Project) -> Cache:

@@ -9,6 +9,7 @@ that order with each setting's merge rule; nothing else merges config.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -41,9 +42,12 @@ class ConfigError(Exception):
 
 
 def _display(path: Path) -> str:
+    """Relative to the working directory if below it; a symlink is shown as
+    the link (its target may be the very problem), and never followed."""
+    path = Path(os.path.abspath(path))
     try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
         return str(path)
 
 
@@ -59,13 +63,35 @@ _KIND = {yaml.ScalarNode: "a scalar", yaml.SequenceNode: "a list", yaml.MappingN
 _TAG = {"str": "a string", "int": "an integer", "bool": "true/false", "null": "null", "float": "a number"}
 
 
+_CORE = "tag:yaml.org,2002:"
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr() for a message: one line, not the whole of a huge value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 4] + "...'"
+
+
+def _plain(file, node, key) -> None:
+    """Only YAML's own types: `!!python/object` and local `!tags` are refused."""
+    if not node.tag.startswith(_CORE) or "/" in node.tag[len(_CORE):]:
+        tag = "!!" + node.tag[len(_CORE):] if node.tag.startswith(_CORE) else node.tag
+        _fail(file, node, key, f"YAML tag {_short(tag)} is not allowed (plain YAML values only)")
+
+
 def _scalar(file, node, key, tag: str, want: str):
+    _plain(file, node, key)
     if not isinstance(node, yaml.ScalarNode):
         _fail(file, node, key, f"expected {want}, got {_KIND[type(node)]}")
     got = node.tag.rsplit(":", 1)[-1]
     if got != tag:
-        _fail(file, node, key, f"expected {want}, got {_TAG.get(got, got)} {node.value!r}")
-    return yaml.constructor.SafeConstructor().construct_object(node)
+        _fail(file, node, key, f"expected {want}, got {_TAG.get(got, got)} {_short(node.value)}")
+    if tag == "int" and len(node.value) > 30:
+        _fail(file, node, key, f"{_short(node.value)} is not an integer of sane size")
+    try:
+        return yaml.constructor.SafeConstructor().construct_object(node)
+    except (ValueError, KeyError, TypeError, yaml.YAMLError):  # e.g. `!!int abc`, `!!bool maybe`
+        _fail(file, node, key, f"expected {want}, got {_short(node.value)}")
 
 
 class Str:
@@ -75,7 +101,7 @@ class Str:
     def check(self, file, node, key):
         value = _scalar(file, node, key, "str", "a string")
         if self.pattern and not re.fullmatch(self.pattern, value):
-            _fail(file, node, key, f"{value!r} is not {self.hint}")
+            _fail(file, node, key, f"{_short(value)} is not {self.hint}")
         return value
 
 
@@ -102,7 +128,7 @@ class Choice:
     def check(self, file, node, key):
         value = _scalar(file, node, key, "str", "one of " + ", ".join(self.values))
         if value not in self.values:
-            _fail(file, node, key, f"unknown {self.what} {value!r} (known: {', '.join(self.values)})")
+            _fail(file, node, key, f"unknown {self.what} {_short(value)} (known: {', '.join(self.values)})")
         return value
 
 
@@ -123,6 +149,7 @@ class ListOf:
     def check(self, file, node, key):
         if self.single_ok and isinstance(node, yaml.ScalarNode):
             return [self.item.check(file, node, key)]
+        _plain(file, node, key)
         if not isinstance(node, yaml.SequenceNode):
             _fail(file, node, key, f"expected a list, got {_KIND[type(node)]}")
         return [self.item.check(file, n, f"{key}[{i}]") for i, n in enumerate(node.value)]
@@ -142,6 +169,7 @@ class NamedList(ListOf):
 
 
 def _pairs(file, node, key):
+    _plain(file, node, key)
     if not isinstance(node, yaml.MappingNode):
         _fail(file, node, key, f"expected a mapping, got {_KIND[type(node)]}")
     seen = set()
@@ -175,7 +203,7 @@ class MapOf:
 class Field:
     type: Any
     default: Any = None
-    merge: str = "replace"  # replace | union | record | by_name | union_map | own
+    merge: str = "replace"  # replace | union | record | by_name | union_map | services | own
     required: bool = False
 
 
@@ -199,11 +227,51 @@ class Record:
         return out
 
 
+UNIT_SUFFIXES = (".service", ".socket", ".target", ".timer", ".path", ".mount", ".automount",
+                 ".swap", ".slice", ".scope", ".device")
+
+
+def unit_id(name: str) -> str:
+    """The unit systemctl means: `ssh` and `ssh.service` are one unit."""
+    return name if name.endswith(UNIT_SUFFIXES) else name + ".service"
+
+
+class Services(Record):
+    """`services: {enable: [...], disable: [...]}`: one state per unit.
+
+    Within one file a unit is in one list only; across layers the later
+    layer's state wins (see _merge_services)."""
+
+    def check(self, file, node, key):
+        out = super().check(file, node, key)
+        enabled = {unit_id(u): u for u in out.get("enable", [])}
+        for knode, name, vnode in _pairs(file, node, key):
+            if name != "disable":
+                continue
+            for i, (unode, unit) in enumerate(zip(vnode.value, out["disable"])):
+                if unit_id(unit) in enabled:
+                    _fail(file, unode, f"{_join(key, name)}[{i}]",
+                          f"{unit!r} is in services.enable of this file too; "
+                          "a unit is either enabled or disabled")
+        return out
+
+
 # --- the settings table -----------------------------------------------------
 
 PACKAGE = Str(r"[a-z0-9][a-z0-9+.\-]*(:[a-z0-9]+)?([=/][A-Za-z0-9+.~:\-]+)?", "a Debian package name")
 PACKAGES = ListOf(PACKAGE)
-CRYPT = Str(r"(\$[0-9a-z]+\$\S+|!|\*)", "a crypt(3) hash such as $6$... (make one with `mkpasswd -m sha-512`), '!' or '*'")
+# crypt(3) hashes as /etc/shadow holds them: only the characters of each
+# format ([./0-9A-Za-z] between `$` separators), so a value can never carry a
+# `:` or a newline into shadow.  yescrypt, sha-512/256 (with rounds=N), bcrypt,
+# md5; `!` or `*` alone lock the password, `!` before a hash locks that hash.
+_B64 = r"[./0-9A-Za-z]"
+CRYPT_HASH = (rf"\$y\${_B64}+\${_B64}+\${_B64}+"
+              rf"|\$[56]\$(rounds=[0-9]{{1,9}}\$)?{_B64}+\${_B64}+"
+              rf"|\$2b\$[0-9]{{2}}\${_B64}+"
+              rf"|\$1\${_B64}*\${_B64}+")
+CRYPT = Str(rf"!?({CRYPT_HASH})|!|\*",
+            "a crypt(3) hash ($y$, $6$, $5$, $2b$ or $1$ and only the characters [./0-9A-Za-z] "
+            "between the $ fields; make one with `mkpasswd -m sha-512`), '!' or '*' (locked)")
 URL = Str(r"(https?|file)://\S+", "an http(s):// or file:// URL")
 NAME = Str(r"[a-z_][a-z0-9_-]*", "a user/group name")
 UNIT = Str(r"[A-Za-z0-9@_.:\\-]+", "a systemd unit name")
@@ -221,10 +289,10 @@ USER = Record(
     groups=Field(ListOf(NAME), [], "union"),
     sudo=Field(Bool(), False),
     password=Field(Optional(CRYPT)),
-    shell=Field(Str(r"/\S+", "an absolute path"), "/bin/bash"),
+    shell=Field(Str(r"/[^\s:]+", "an absolute path without ':' or spaces"), "/bin/bash"),
 )
 SETTINGS = Record(
-    extends=Field(ListOf(Str(r"[A-Za-z0-9_.\-]+", "a target name"), single_ok=True), [], "own"),
+    extends=Field(ListOf(Str(r"(?!\.\.?$)[A-Za-z0-9_.\-]+", "a target name"), single_ok=True), [], "own"),
     abstract=Field(Bool(), False, "own"),
     description=Field(Str(), "", "own"),
     architectures=Field(ListOf(Choice(*ARCHITECTURES, what="architecture"), single_ok=True)),
@@ -238,8 +306,8 @@ SETTINGS = Record(
     timezone=Field(Str(r"[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*", "a zone name such as Europe/Berlin"), "Etc/UTC"),
     users=Field(NamedList(USER), [], "by_name"),
     root_password=Field(Optional(CRYPT)),
-    services=Field(Record(enable=Field(ListOf(UNIT), [], "union"),
-                          disable=Field(ListOf(UNIT), [], "union")), {}, "record"),
+    services=Field(Services(enable=Field(ListOf(UNIT), []),
+                            disable=Field(ListOf(UNIT), [])), {}, "services"),
     squashfs=Field(Record(compression=Field(Choice(*COMPRESSIONS, what="compression"), "zstd"),
                           level=Field(Optional(Int(1, 22)))), {}, "record"),
     image=Field(Choice(*IMAGE_TYPES, what="image type"), "img"),
@@ -266,11 +334,26 @@ def _union(a: list, b: list) -> list:
     return list(dict.fromkeys([*a, *b]))
 
 
+def _merge_services(base: dict, child: dict) -> dict:
+    """A later layer's enable or disable of a unit replaces an earlier
+    layer's, so the result has each unit in one list at most."""
+    state = {unit_id(u): ("enable", u) for u in base.get("enable", [])}
+    state.update({unit_id(u): ("disable", u) for u in base.get("disable", [])})
+    for verb in ("enable", "disable"):
+        for unit in child.get(verb, []):
+            if state.get(unit_id(unit), (None,))[0] != verb:
+                state.pop(unit_id(unit), None)  # a unit whose state changes goes last
+                state[unit_id(unit)] = (verb, unit)
+    return {verb: [u for v, u in state.values() if v == verb] for verb in ("enable", "disable")}
+
+
 def _merge_record(record: Record, base: dict, child: dict) -> dict:
     out = dict(base)
     for name, value in child.items():
         field = record.fields[name]
-        if name not in out or field.merge == "replace":
+        if field.merge == "services":
+            out[name] = _merge_services(out.get(name, {}), value)
+        elif name not in out or field.merge == "replace":
             out[name] = value
         elif field.merge == "union":
             out[name] = _union(out[name], value)
@@ -387,6 +470,17 @@ def hook_order(name: str) -> tuple:
     return (0, int(digits.group()), name) if digits else (1, 0, name)
 
 
+class Buildable(list):
+    """Project.buildable(): a list of the targets that load and are not
+    abstract, by name, plus `errors`: {name: ConfigError} of the targets that
+    do not load (but a target whose own file says `abstract: true` is left
+    out; its error is its children's)."""
+
+    def __init__(self, targets: list[Target], errors: dict[str, ConfigError]):
+        super().__init__(targets)
+        self.errors = errors
+
+
 class Project:
     """A checkout: targets/, the generic rootfs/ overlay, and where builds go."""
 
@@ -406,8 +500,30 @@ class Project:
             return []
         return sorted(p.parent.name for p in self.targets_dir.glob("*/target.yaml"))
 
-    def buildable(self) -> list[Target]:
-        return [t for t in (self.load(n) for n in self.target_names()) if not t.abstract]
+    def buildable(self) -> Buildable:
+        """The targets to build, and the errors of those that do not load:
+        a broken target is the concern of whoever builds it, not of every
+        build (see Buildable)."""
+        targets, errors = [], {}
+        for name in self.target_names():
+            try:
+                target = self.load(name)
+            except ConfigError as err:
+                if not self._says_abstract(name):
+                    errors[name] = err
+                continue
+            if not target.abstract:
+                targets.append(target)
+        return Buildable(targets, errors)
+
+    def _says_abstract(self, name: str) -> bool:
+        """Whether a target that does not load says itself it is only a base
+        (then its error is its children's, and is reported with them)."""
+        try:
+            values, _ = _read_layer(_target_file(self.targets_dir.resolve(), name))
+        except ConfigError:
+            return False
+        return values.get("abstract", False)
 
     def load(self, name: str) -> Target:
         return _load_target(self.targets_dir.resolve(), name)
@@ -417,19 +533,93 @@ def _target_file(targets_dir: Path, name: str) -> Path:
     return targets_dir / name / "target.yaml"
 
 
-@lru_cache(maxsize=None)
-def _read_layer(file: Path) -> tuple[dict, dict]:
-    """Checked values of one file, plus the line of each top-level key."""
+MAX_TARGET_BYTES = 256 << 10  # a target is settings, not data (and PyYAML reads ~100 kB/s)
+MAX_FLOW_DEPTH = 64  # PyYAML's scanner is quadratic in [ { nesting: 5000 levels take minutes
+
+
+def _read_text(file: Path) -> str:
+    """The file's text: a regular file inside targets/, UTF-8, of sane size."""
+    targets_dir = file.parent.parent
     try:
-        text = file.read_text()
-    except OSError as err:
-        raise ConfigError(file, 1, "", f"cannot read target: {err.strerror}") from None
+        real = file.resolve()
+        inside = real.is_relative_to(targets_dir.resolve())
+        if inside and not real.is_file():
+            what = ("a directory" if real.is_dir() else "a symlink to a missing file" if not real.exists()
+                    else "not a regular file")
+            raise ConfigError(file, 1, "", f"cannot read target: {_display(file)} is {what}")
+        size = real.stat().st_size if inside else 0
+        data = real.read_bytes() if inside and size <= MAX_TARGET_BYTES else b""
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
+        raise ConfigError(file, 1, "", f"cannot read target: {getattr(err, 'strerror', None) or err}") from None
+    if not inside:
+        raise ConfigError(file, 1, "", f"target.yaml resolves to {real}, outside "
+                          f"{_display(targets_dir)}/ (a symlink?): targets are read from there only")
+    if size > MAX_TARGET_BYTES:
+        raise ConfigError(file, 1, "", f"target.yaml is {size} bytes; more than "
+                          f"{MAX_TARGET_BYTES} is not a target")
     try:
-        node = yaml.compose(text)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError(file, line, "", f"not UTF-8 text (byte 0x{data[err.start]:02x} at column "
+                          f"{column}); save the file as UTF-8") from None
+
+
+class _Loader(yaml.SafeLoader):
+    """Composes nodes only (no tag ever constructs an object) and refuses
+    aliases: an alias makes one node appear in many places (an alias bomb,
+    a list that contains itself) and its errors name the anchor's line, not
+    the use; targets share settings through `extends` instead."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor}: YAML anchors and aliases are not supported "
+                "in targets (share settings with extends)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+_QUOTED_OR_COMMENT = re.compile(r""""(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|(?:^|(?<=\s))#[^\n]*""", re.M)
+
+
+def _check_nesting(file: Path, text: str) -> None:
+    """Refuse [ { nesting deeper than MAX_FLOW_DEPTH before PyYAML sees it
+    (brackets in quotes and comments do not count; the count errs high)."""
+    blanked = _QUOTED_OR_COMMENT.sub(lambda m: re.sub(r"[^\n]", " ", m.group()), text)
+    depth = 0
+    for m in re.finditer(r"[\[\]{}]", blanked):
+        depth = depth + 1 if m.group() in "[{" else max(depth - 1, 0)
+        if depth > MAX_FLOW_DEPTH:
+            raise ConfigError(file, text.count("\n", 0, m.start()) + 1, "",
+                              f"invalid YAML: [ and {{ nested more than {MAX_FLOW_DEPTH} deep")
+
+
+def _compose(file: Path, text: str) -> yaml.Node | None:
+    """The YAML node tree, nothing constructed yet."""
+    _check_nesting(file, text)
+    try:
+        return yaml.compose(text, Loader=_Loader)
+    except yaml.reader.ReaderError as err:
+        line = text[:err.position].count("\n") + 1
+        raise ConfigError(file, line, "", f"invalid YAML: character #x{err.character:04x}: "
+                          f"{err.reason}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         line = mark.line + 1 if mark else 1
-        raise ConfigError(file, line, "", f"invalid YAML: {getattr(err, 'problem', err)}") from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        if "'\\t'" in problem:
+            problem += " (indent with spaces, not tabs)"
+        raise ConfigError(file, line, "", f"invalid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(file, 1, "", "invalid YAML: nested too deeply") from None
+
+
+@lru_cache(maxsize=None)
+def _read_layer(file: Path) -> tuple[dict, dict]:
+    """Checked values of one file, plus the line of each top-level key."""
+    node = _compose(file, _read_text(file))
     if node is None:
         return {}, {}
     values = SETTINGS.check(file, node, "")
@@ -445,7 +635,7 @@ def _linearise(targets_dir: Path, name: str, chain: tuple[str, ...] = ()) -> lis
         if parent == name or parent in chain:
             raise ConfigError(file, lines["extends"], "extends",
                               f"inheritance cycle: {' -> '.join([*chain, name, parent])}")
-        if not _target_file(targets_dir, parent).is_file():
+        if not os.path.lexists(_target_file(targets_dir, parent)):
             known = ", ".join(p.parent.name for p in sorted(targets_dir.glob("*/target.yaml")))
             raise ConfigError(file, lines["extends"], "extends",
                               f"no target {parent!r} (no {_display(_target_file(targets_dir, parent))}; known: {known})")
@@ -458,7 +648,7 @@ def _linearise(targets_dir: Path, name: str, chain: tuple[str, ...] = ()) -> lis
 @lru_cache(maxsize=None)
 def _load_target(targets_dir: Path, name: str) -> Target:
     file = _target_file(targets_dir, name)
-    if not file.is_file():
+    if not os.path.lexists(file):  # anything else there is _read_layer's to explain
         known = ", ".join(p.parent.name for p in sorted(targets_dir.glob("*/target.yaml")))
         raise ConfigError(file, 0, "", f"no such target {name!r} (known: {known or 'none'})")
     order = _linearise(targets_dir, name)

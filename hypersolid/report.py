@@ -14,6 +14,35 @@ from .run import Interrupted, interrupted_status
 # the hypersolid command reads it after running doit in-process.
 FAILURES: list[tuple] = []
 
+# The meta key of a bad target's subtasks (tasks._bad_targets): its error line.
+BAD_TARGET = "hypersolid_bad_target"
+
+
+def warn_bad_targets(tasks: dict, selected: list[str] | None, stream=None) -> list[str]:
+    """One warning line on stderr per bad target the run does not reach (the
+    subtasks a run reaches fail with the error themselves): a broken target
+    is said once, and does not stop the others."""
+    reached, todo = set(), list(selected or ())
+    while todo:
+        name = todo.pop()
+        if name in reached or name not in tasks:
+            continue
+        reached.add(name)
+        todo += [*tasks[name].task_dep, *tasks[name].setup_tasks]
+    bad: dict[str, set[str]] = {}  # error line -> targets (a bad base's children share it)
+    said: set[str] = set()          # errors a reached subtask fails with
+    for name, task in tasks.items():
+        error = (getattr(task, "meta", None) or {}).get(BAD_TARGET)
+        if error:
+            bad.setdefault(error, set()).add(name.split(":", 1)[-1])
+            if name in reached:
+                said.add(error)
+    lines = [f"hypersolid: warning: not building {', '.join(sorted(targets))} (bad target: {error})"
+             for error, targets in bad.items() if error not in said]
+    for line in lines:
+        print(line, file=stream or sys.stderr, flush=True)
+    return lines
+
 
 def install_excepthook() -> None:
     """An interruption that reaches the top of plain `doit` (doit lets
@@ -42,6 +71,10 @@ class TimingReporter(ConsoleReporter):
         self.timings: list[tuple[str, float, str]] = []
         self.uptodate = 0
         self._run_start = time.monotonic()
+
+    def initialize(self, tasks, selected_tasks):
+        super().initialize(tasks, selected_tasks)
+        warn_bad_targets(tasks, selected_tasks)
 
     def execute_task(self, task):
         self._started[task.name] = time.monotonic()

@@ -10,14 +10,14 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from doit.exceptions import InvalidDodoFile, TaskFailed
+from doit.exceptions import InvalidDodoFile, TaskError, TaskFailed
 from doit.tools import config_changed
 
 from . import buildid, lock
 from .cache import Cache, CacheError
 from .checker import XxhashChecker
-from .config import ConfigError, Project, Target
-from .report import TimingReporter, install_excepthook
+from .config import Project, Target
+from .report import BAD_TARGET, TimingReporter, install_excepthook
 from .boot import STORAGE_LABEL, machine, storage_disk
 from .qemu import MACHINES
 from .run import BuildError, Log, install_signal_handlers, run
@@ -33,10 +33,26 @@ def _project(root: str) -> Project:
 
 
 def _buildable() -> list[Target]:
-    try:
-        return _project(os.getcwd()).buildable()
-    except ConfigError as err:
-        raise InvalidDodoFile(f"bad target: {err}") from None
+    """The targets that load; the others are _bad_targets' subtasks."""
+    return _project(os.getcwd()).buildable()
+
+
+def _bad_targets(stage_name: str):
+    """A subtask per target that does not load, whose action fails with its
+    error line.  Not InvalidDodoFile: one broken target would stop every
+    build and `doit list`.  Not left out either: `doit squashfs:bad` would
+    then only say it is no task.  The action returns a TaskError, so doit
+    exits 2 ("error", not 1 "failed"), the status `hypersolid` gives a bad
+    target; a run that does not reach the subtask warns once instead
+    (report.warn_bad_targets)."""
+    for name, err in _project(os.getcwd()).buildable().errors.items():
+        yield {"name": name, "doc": f"bad target: {err}",
+               "actions": [(_bad_target, [str(err)])],
+               "uptodate": [False], "meta": {BAD_TARGET: str(err)}, "verbosity": 1}
+
+
+def _bad_target(error: str) -> TaskError:
+    return TaskError(f"bad target: {error}")
 
 
 def subtask_name(target: Target, arch: str | None) -> str:
@@ -135,6 +151,7 @@ def _tasks(stage_name: str):
             "clean": True,
             "verbosity": 1,
         }
+    yield from _bad_targets(stage_name)
 
 
 def task_rootfs():

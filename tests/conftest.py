@@ -107,6 +107,41 @@ def needs_root_and_tools() -> None:
         pytest.fail(f"host tools missing: {', '.join(missing)} (run ./setup.sh --no-build)")
 
 
+# What tests and the bench copy and then edit: targets, overlays, the boot
+# script.  (Not the code or docs, which a developer may edit during a run.)
+GUARDED = ("targets", "rootfs", "hypersolid/initramfs", "dodo.py")
+
+
+def tracked_files() -> dict[str, bytes]:
+    """Content (or link target) of the GUARDED files git tracks in this checkout."""
+    try:
+        names = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--", *GUARDED], check=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}  # not a git checkout (an unpacked tarball): nothing to compare
+    out = {}
+    for name in filter(None, names.decode().split("\0")):
+        path = REPO / name
+        try:
+            out[name] = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
+        except OSError:
+            out[name] = b"(missing)"
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_untouched():
+    """No test writes into the tracked checkout: tests edit copies
+    (checkout_copy, TestProject).  A stray edit once got committed
+    (targets/qemu-amd64/rootfs/etc/motd); this fails the run instead."""
+    before = tracked_files()
+    yield
+    after = tracked_files()
+    changed = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+    assert not changed, (f"the test run changed tracked files of the checkout: {', '.join(changed)} "
+                         "(a test or bench must edit a copy)")
+
+
 @pytest.fixture(autouse=True)
 def fresh_target_caches():
     """Parsed targets are memoised per process; tests write and edit targets."""

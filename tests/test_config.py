@@ -1,6 +1,7 @@
 """Target YAML: loading, validation (file, line, key path) and merging."""
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -210,6 +211,98 @@ BAD = [
             mirror: http://deb.debian.org/debian
             sections:
               - name: debian
+            services:
+              enable: [ssh, cron]
+              disable:
+                - getty@tty1
+                - ssh.service
+            """},
+        "t", "t", "services.disable[1]", 10, "'ssh.service' is in services.enable of this file too",
+        id="unit-enabled-and-disabled-in-one-file"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            root_password: "$6$salt$hash:0:99999:7:::"
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            """},
+        "t", "t", "root_password", 3, "'$6$salt$hash:0:99999:7:::' is not a crypt(3) hash",
+        id="colon-in-root-password"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            root_password: "$6$salt$hash\\nintruder::0:0:::::"
+            """},
+        "t", "t", "root_password", 6, "'$6$salt$hash\\nintruder::0:0:::::' is not a crypt(3) hash",
+        id="newline-in-root-password"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            users:
+              - name: alice
+                password: |
+                  $y$j9T$salt$hash
+                  mallory::0:0:::::
+            """},
+        "t", "t", "users[0].password", 8, "is not a crypt(3) hash",
+        id="newline-in-user-password"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            users:
+              - name: alice
+              - name: bob
+                password: '!$6$sa:lt$hash'
+            """},
+        "t", "t", "users[1].password", 9, "'!$6$sa:lt$hash' is not a crypt(3) hash",
+        id="colon-in-user-password"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            users:
+              - name: alice
+                password: '$6$salt$'
+            """},
+        "t", "t", "users[0].password", 8, "'$6$salt$' is not a crypt(3) hash",
+        id="truncated-password-hash"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            users:
+              - name: alice
+                shell: "/bin/sh:0:0"
+            """},
+        "t", "t", "users[0].shell", 8, "is not an absolute path without ':'",
+        id="colon-in-shell"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
             squashfs:
               level: 3
               compression: brotli
@@ -396,6 +489,104 @@ def test_bad_target_names_file_key_and_line(root, files, load, culprit, key, lin
     assert message in err.message, str(err)
 
 
+# Malformed files: raw bytes, the 1-based line, the key path ("" for the
+# file as a whole) and a fragment of the message.  Never a traceback, and
+# nothing is constructed from a tag.
+MALFORMED = [
+    pytest.param(b"architectures: [amd64]\nhostname: caf\xe9\n", 2, "",
+                 "not UTF-8 text (byte 0xe9 at column 14)", id="not-utf-8"),
+    pytest.param(b"architectures: [amd64]\nhostname: a\x00b\n", 2, "",
+                 "invalid YAML: character #x0000: special characters are not allowed", id="nul-byte"),
+    pytest.param(b"a: &a [lol, lol, lol]\nb: &b [*a, *a, *a]\nkernel_cmdline: [*b, *b, *b]\n", 2, "",
+                 "alias *a: YAML anchors and aliases are not supported", id="alias-bomb"),
+    pytest.param(b"architectures: [amd64]\nkernel_cmdline: &k [*k]\n", 2, "",
+                 "alias *k: YAML anchors and aliases", id="list-containing-itself"),
+    pytest.param(b"architectures: [amd64]\nsquashfs: {level: " + b"9" * 5000 + b"}\n", 2, "squashfs.level",
+                 "is not an integer of sane size", id="huge-integer"),
+    pytest.param(b"squashfs:\n  level: !!int twelve\n", 2, "squashfs.level",
+                 "expected an integer, got 'twelve'", id="int-tag-on-text"),
+    pytest.param(b"architectures:\n\t- amd64\n", 2, "",
+                 "found character '\\t' that cannot start any token (indent with spaces, not tabs)",
+                 id="tab-indented"),
+    pytest.param(b"- architectures: [amd64]\n- suite: bookworm\n", 1, "",
+                 "expected a mapping, got a list", id="top-level-list"),
+    pytest.param(b"architectures: [amd64]\nhostname: !!python/object/apply:os.system [touch /tmp/pwned]\n",
+                 2, "hostname", "YAML tag '!!python/object/apply:os.system' is not allowed", id="python-tag"),
+    pytest.param(b"!!python/object/apply:os.system\n- touch /tmp/pwned\n", 1, "",
+                 "YAML tag '!!python/object/apply:os.system' is not allowed", id="python-tag-on-document"),
+    pytest.param(b"kernel_cmdline:\n  - - ok\n  - " + b"[" * 100000, 3, "",
+                 "invalid YAML: [ and { nested more than 64 deep", id="deeply-nested-flow"),
+    pytest.param(b"kernel_cmdline:\n" + b"- " * 2000 + b"x\n", 1, "",
+                 "invalid YAML: nested too deeply", id="deeply-nested-block"),
+    pytest.param(b"", 1, "architectures", "required to build this target", id="empty-file"),
+    pytest.param(b"hostname: " + b"x" * (256 << 10) + b"\n", 1, "",
+                 "more than 262144 is not a target", id="huge-file"),
+    pytest.param(b"extends: [..]\n", 1, "extends[0]", "'..' is not a target name", id="extends-parent-dir"),
+]
+
+
+@pytest.mark.parametrize("data, line, key, message", MALFORMED)
+def test_malformed_file_is_one_config_error(root, data, line, key, message):
+    path = root / "targets/t/target.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        Project(root).load("t")
+    err = info.value
+    assert (err.file, err.line, err.key) == (target_file(root, "t"), line, key), str(err)
+    assert message in err.message and "\n" not in str(err) and len(str(err)) < 400, str(err)
+
+
+def test_brackets_in_quotes_and_comments_are_no_nesting(root):
+    deep = "[" * 100
+    lines = ["raspberrypi:",
+             f"  config_txt: ['{deep}', \"{deep}{{\\\"\", '{deep}''']  # {deep}",
+             f"# {deep}"]
+    write(root, "t", textwrap.dedent(BASE.replace("abstract: true", "architectures: [amd64]"))
+          + "\n".join(lines) + "\n")
+    assert Project(root).load("t").rpi_config_txt == (deep, deep + '{"', deep + "'")
+
+
+def test_a_target_yaml_that_is_a_directory_or_a_fifo_is_one_config_error(root):
+    path = root / "targets/t/target.yaml"
+    path.mkdir(parents=True)
+    assert Project(root).target_names() == ["t"]
+    with pytest.raises(ConfigError) as info:
+        Project(root).load("t")
+    assert str(info.value) == f"{target_file(root, 't')}:1: cannot read target: {target_file(root, 't')} is a directory"
+    path.rmdir()
+    os.mkfifo(path)  # never opened: it would block
+    clear_caches()
+    with pytest.raises(ConfigError) as info:
+        Project(root).load("t")
+    assert info.value.message.endswith("is not a regular file")
+
+
+def test_a_target_yaml_linked_from_outside_targets_is_refused(root, tmp_path):
+    outside = tmp_path / "outside.yaml"
+    outside.write_text("architectures: [amd64]\n")
+    link = (root / "targets").resolve() / "t/target.yaml"
+    link.parent.mkdir()
+    link.symlink_to(outside)
+    with pytest.raises(ConfigError) as info:
+        Project(root).load("t")
+    assert info.value.file == link and info.value.line == 1   # the link, not where it points
+    assert f"target.yaml resolves to {outside.resolve()}, outside" in info.value.message
+    link.unlink()
+    link.symlink_to("target.yaml")  # a loop
+    clear_caches()
+    with pytest.raises(ConfigError) as info:
+        Project(root).load("t")
+    assert "cannot read target: Symlink loop" in info.value.message and info.value.file == link
+
+
+def test_a_link_inside_targets_is_followed(root):
+    write(root, "real", BASE.replace("abstract: true", "architectures: [amd64]"))
+    (root / "targets/alias").mkdir()
+    (root / "targets/alias/target.yaml").symlink_to("../real/target.yaml")
+    assert Project(root).load("alias").suite == "bookworm"
+
+
 def test_unknown_architecture_names_file_key_and_line(root):
     write(root, "t", """\
         suite: bookworm
@@ -427,7 +618,7 @@ def test_loading_an_unknown_target_lists_the_known_ones(root):
     assert "no such target 'nope' (known: base, other)" in str(info.value)
 
 
-def test_buildable_fails_on_a_bad_target(root):
+def test_buildable_gives_the_good_targets_and_the_errors_of_the_bad(root):
     write(root, "good", """\
         architectures: [amd64]
         suite: bookworm
@@ -436,10 +627,16 @@ def test_buildable_fails_on_a_bad_target(root):
           - name: debian
         """)
     write(root, "bad", "architectures: [vax]\n")
-    with pytest.raises(ConfigError) as info:
-        Project(root).buildable()
-    assert info.value.key == "architectures[0]"
-    assert info.value.file == target_file(root, "bad")
+    write(root, "loop", "extends: [loop2]\n")
+    write(root, "loop2", "abstract: true\nextends: [loop]\n")  # says it is a base: its children report it
+    buildable = Project(root).buildable()
+    assert [t.name for t in buildable] == ["good"]
+    assert sorted(buildable.errors) == ["bad", "loop"]
+    bad = buildable.errors["bad"]
+    assert (bad.file, bad.line, bad.key) == (target_file(root, "bad"), 1, "architectures[0]")
+    loop = buildable.errors["loop"]
+    assert (loop.file, loop.line, loop.key) == (target_file(root, "loop2"), 2, "extends")  # closes the cycle
+    assert "inheritance cycle: loop -> loop2 -> loop" in loop.message
 
 
 # --- shipped targets ------------------------------------------------------------
@@ -461,6 +658,11 @@ def test_shipped_base_is_abstract_and_not_buildable():
     names = [t.name for t in project.buildable()]
     assert "base" not in names
     assert "qemu-amd64" in names
+
+
+def test_shipped_motd_is_the_one_line_it_should_be():
+    motd = REPO / "targets/qemu-amd64/rootfs/etc/motd"
+    assert motd.read_text() == "hypersolid qemu-amd64: an immutable system. Changes to / vanish at reboot.\n"
 
 
 def test_shipped_kernel_is_only_for_its_architecture():
@@ -590,6 +792,27 @@ def test_record_settings_merge_key_by_key(root):
     assert (t.compression, t.compression_level) == ("xz", 5)
 
 
+def test_a_later_layer_re_enables_or_disables_an_inherited_unit(root):
+    write(root, "base", textwrap.dedent(BASE) + "services:\n  enable: [ssh, cron]\n  disable: [getty@tty1, rsync]\n")
+    write(root, "mid", "abstract: true\nextends: base\nservices:\n  disable: [ssh.service]\n")
+    write(root, "t", "extends: mid\narchitectures: [amd64]\nservices: {enable: [getty@tty1.service, ssh]}\n")
+    project = Project(root)
+    mid = project.load("mid")
+    assert (mid.services_enable, mid.services_disable) == (("cron",), ("getty@tty1", "rsync", "ssh.service"))
+    t = project.load("t")
+    assert t.services_enable == ("cron", "getty@tty1.service", "ssh")   # the last layer's word
+    assert t.services_disable == ("rsync",)
+
+
+def test_merged_services_never_name_a_unit_twice(root):
+    write(root, "a", textwrap.dedent(BASE) + "services: {enable: [x, y], disable: [z]}\n")
+    write(root, "b", "abstract: true\nservices: {enable: [z, x.service], disable: [y]}\n")
+    write(root, "t", "extends: [a, b]\narchitectures: [amd64]\nservices: {enable: [x, x]}\n")
+    t = Project(root).load("t")
+    assert t.services_enable == ("x", "z") and t.services_disable == ("y",)
+    assert len({*t.services_enable, *t.services_disable}) == 3
+
+
 def test_layers_run_generic_first_and_each_target_once(root):
     write(root, "d", "abstract: true\n")
     write(root, "b", "abstract: true\nextends: d\n")
@@ -671,6 +894,32 @@ def test_locked_password_markers_are_accepted(root):
     t = Project(root).load("t")
     assert t.root_password == "*"
     assert [u.password for u in t.users] == ["!", None]
+
+
+@pytest.mark.parametrize("hash", [
+    "$y$j9T$F5Jx5fExrKuPp53xLKQ..1$X3DX6M94c7o.9agCG9G317fhZg9SqC.5i5rd.RhAtQ7",
+    "$6$7Hj0mRsalt$" + "a/." * 28 + "xy",
+    "$6$rounds=656000$salt$hash",
+    "$5$salt$hash0123456789",
+    "$2b$12$" + "N9qo8uLOickgx2ZMRZoMye" + "IjZAgcfl7p92ldGxad68LJZdL17lhWy",
+    "$1$saltsalt$hashhashhashhashhashha",
+    "!$6$salt$hashhashhash",   # a hash kept but locked
+    "!", "*",
+])
+def test_crypt_formats_are_accepted(root, hash):
+    write(root, "t", f"""\
+        architectures: [amd64]
+        suite: bookworm
+        mirror: http://deb.debian.org/debian
+        sections:
+          - name: debian
+        root_password: '{hash}'
+        users:
+          - name: alice
+            password: '{hash}'
+        """)
+    t = Project(root).load("t")
+    assert t.root_password == hash and t.users[0].password == hash
 
 
 def test_buildable_lists_non_abstract_targets_sorted(root):
