@@ -38,6 +38,7 @@ import secrets
 import shutil
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterable
@@ -45,9 +46,39 @@ from urllib.parse import unquote, urlsplit
 
 SEGMENT = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9._~+:@=,-]*")
 TEMP = re.compile(r"\..+\.tmp-(\d+)-[0-9a-f]+")
+STANZA = re.compile(rb"^Filename: *(\S+)\n(?:[^\n]+\n)*?Size: *(\d+)\n(?:[^\n]+\n)*?SHA256: *([0-9a-fA-F]{64})$",
+                    re.M)
+RELEASE_SHA256 = re.compile(rb"^ ([0-9a-fA-F]{64}) +\d+ +(\S+)$", re.M)
 INDEX_NAMES = {"Packages", "Packages.xz", "Packages.gz", "Packages.bz2"}
 VERIFIED = ".verified.json"
 DEB_TYPE = "application/vnd.debian.binary-package"
+
+
+KEYRING_DEB = re.compile(r"pool/(?:[^/]+/)+[a-z0-9.+-]+-keyring_[^/]+\.deb")
+
+
+def host_apt_sources(etc: Path = Path("/etc/apt")) -> list[str]:
+    """The archive URLs of the host's own apt sources (one-line .list and
+    deb822 .sources files): multistrap downloads the keyring package with
+    the host's apt configuration, not the target's."""
+    urls: list[str] = []
+    files = [etc / "sources.list", *sorted((etc / "sources.list.d").glob("*.list")),
+             *sorted((etc / "sources.list.d").glob("*.sources"))]
+    for path in files:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if path.suffix == ".sources":
+                if line.lower().startswith("uris:"):
+                    urls += line.split(":", 1)[1].split()
+            elif line.startswith("deb ") or line.startswith("deb\t"):
+                words = re.sub(r"\[[^]]*\]", " ", line).split()
+                if len(words) > 1:
+                    urls.append(words[1])
+    return list(dict.fromkeys(u for u in urls if u.startswith("http://")))
 
 
 class Refused(Exception):
@@ -108,7 +139,13 @@ def parse_packages(data: bytes) -> dict[str, tuple[int, str]]:
         return {}
     if b"\nFilename: " not in data[:65536]:
         return {}
-    out = {}
+    # Fast path (0.4 s for bookworm's main, 63k stanzas): the fields in the
+    # order every archive tool writes them, never across a blank line.
+    out = {name.decode(errors="replace"): (int(size), sha.decode().lower())
+           for name, size, sha in STANZA.findall(data)}
+    if len(out) == data.count(b"\nFilename: ") + data.startswith(b"Filename: "):
+        return out
+    out = {}  # some stanza has another order (or lacks a field): each stanza alone, 1 s
     for stanza in data.split(b"\n\n"):
         name = re.search(rb"^Filename: *(\S+)", stanza, re.M)
         size = re.search(rb"^Size: *(\d+)", stanza, re.M)
@@ -135,10 +172,13 @@ class _Server(ThreadingHTTPServer):
 
 
 class DebProxy:
-    def __init__(self, store: Path, sources: Iterable[str], *, upstream_proxy: str | None = None,
-                 log=None, timeout: float = 60.0):
+    def __init__(self, store: Path, sources: Iterable[str], *, keyring_sources: Iterable[str] = (),
+                 upstream_proxy: str | None = None, log=None, timeout: float = 60.0):
         """store: the .deb cache directory; sources: the archive URLs the
         target's apt may fetch from (nothing else is forwarded);
+        keyring_sources: archives only `pool/.../*-keyring_*.deb` files are
+        forwarded from (multistrap fetches its keyring with the host's apt
+        sources, see host_apt_sources);
         upstream_proxy: the target's apt_proxy, used for every upstream
         fetch; log: the stage's hypersolid.run.Log (notes); timeout: seconds
         an upstream connect or read may take."""
@@ -146,11 +186,14 @@ class DebProxy:
         self.upstream_proxy = upstream_proxy
         self.timeout = timeout
         self.log = log
-        self.sources: list[tuple[str, str, str]] = []  # (netloc, base path, URL as given)
-        for url in sources:
-            parts = urlsplit(url)
-            if parts.scheme == "http":
-                self.sources.append((_netloc(parts), unquote(parts.path).rstrip("/"), url.rstrip("/")))
+        # (netloc, base path, URL as given, keyring packages only)
+        self.sources: list[tuple[str, str, str, bool]] = []
+        for urls, keyring_only in ((sources, False), (keyring_sources, True)):
+            for url in urls:
+                parts = urlsplit(url)
+                if parts.scheme == "http":
+                    self.sources.append((_netloc(parts), unquote(parts.path).rstrip("/"),
+                                         url.rstrip("/"), keyring_only))
         self.failures: dict[str, str] = {}  # "the mirror URL" -> cause, first cause each
         self.downloaded = 0  # bytes fetched from upstream, indexes included
         self.downloaded_debs = 0  # of which package files
@@ -160,6 +203,8 @@ class DebProxy:
         self._index: dict[str, tuple[int, str]] = {}  # store-relative path -> (size, sha256)
         self._parsing = 0  # index parses in progress (a .deb lookup waits for them)
         self._parsed = threading.Condition(self._lock)
+        self._release_seen = False
+        self._by_hash: set[str] = set()  # SHA256 digests of Packages files (Release files)
         self._verified: dict[str, list] = {}  # store-relative path -> [size, mtime_ns, ino, sha256]
         self._verified_dirty = False
         self._local = threading.local()  # upstream connections, one set per handler thread
@@ -276,9 +321,11 @@ class DebProxy:
         if parts.query or parts.fragment or parts.username or parts.password:
             raise Refused("no query, fragment or credentials")
         path = unquote(parts.path)
-        for src_netloc, base, src_url in self.sources:
+        for src_netloc, base, src_url, keyring_only in self.sources:
             if netloc == src_netloc and path.startswith(base + "/"):
                 rest = path[len(base) + 1:]
+                if keyring_only and not KEYRING_DEB.fullmatch(rest):
+                    continue
                 segments = rest.split("/")
                 if not all(SEGMENT.fullmatch(s) for s in segments):
                     raise Refused("not a plain archive path")
@@ -327,18 +374,48 @@ class DebProxy:
 
     def _expected(self, rel: str) -> tuple[int, str] | None:
         with self._parsed:
-            self._parsed.wait_for(lambda: self._parsing == 0, timeout=120)
+            if self._parsing:
+                start = time.monotonic()
+                self._parsed.wait_for(lambda: self._parsing == 0, timeout=120)
+                self._note(f"# deb proxy: {rel.rsplit('/', 1)[-1]} waited {time.monotonic() - start:.2f}s "
+                           "for the index checksums")
             return self._index.get(rel)
+
+    def _is_packages(self, rest: str) -> bool:
+        """Whether rest (a path below a source) is a Packages index: by name,
+        or a by-hash URL whose digest a Release file gave to a Packages file
+        (any by-hash file when no Release file was seen)."""
+        if "/dists/" not in "/" + rest:
+            return False
+        name = rest.rsplit("/", 1)[-1]
+        if name in INDEX_NAMES:
+            return True
+        if "/by-hash/SHA256/" in rest:
+            with self._lock:
+                return name in self._by_hash if self._release_seen else True
+        return False
+
+    def _learn_release(self, body: bytes) -> None:
+        """Note the by-hash digests of the Packages files a Release lists."""
+        digests = {m[0].decode().lower() for m in RELEASE_SHA256.findall(body)
+                   if m[1].rsplit(b"/", 1)[-1].decode(errors="replace") in INDEX_NAMES}
+        with self._lock:
+            self._release_seen = True
+            self._by_hash |= digests
 
     def _learn(self, key: str, rest: str, body: bytes) -> None:
         """Add a Packages index (key: its index key, rest: its path below
         the source) to the map."""
+        start = time.monotonic()
         try:
             entries = parse_packages(body)
             root = key[:len(key) - len(rest)].rstrip("/")
             found = {f"{root}/{name}": v for name, v in entries.items()}
             with self._lock:
                 self._index.update(found)
+            if found:
+                self._note(f"# deb proxy: {len(found)} package checksums from {rest} "
+                           f"in {time.monotonic() - start:.2f}s")
         finally:
             with self._parsed:
                 self._parsing -= 1
@@ -444,8 +521,9 @@ class DebProxy:
                     else:
                         proxy._store(cached, rel, body, sha)
                     proxy._count("downloaded_debs", len(body))
-                index = status == 200 and "/dists/" in "/" + rest and (
-                    rest.rsplit("/", 1)[-1] in INDEX_NAMES or "/by-hash/" in rest)
+                index = status == 200 and proxy._is_packages(rest)
+                if status == 200 and rest.rsplit("/", 1)[-1] in ("InRelease", "Release"):
+                    proxy._learn_release(body)
                 if index:
                     with proxy._parsed:
                         proxy._parsing += 1  # before apt has the answer, so its next request waits
@@ -455,8 +533,8 @@ class DebProxy:
                         self.wfile.write(body)
                         self.wfile.flush()
                 finally:
-                    if index:
-                        proxy._learn(key, rest, body)
+                    if index:  # in its own thread: apt's next index on this connection need not wait
+                        threading.Thread(target=proxy._learn, args=(key, rest, body), daemon=True).start()
 
             def do_HEAD(self):
                 self.do_GET(head=True)

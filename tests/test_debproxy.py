@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from hypersolid.debproxy import DebProxy, parse_packages
+from conftest import MIRROR, TestProject, needs_root_and_tools, tiny_target
+from hostile import outcome, untouched_host
+from hypersolid.debproxy import DebProxy, host_apt_sources, parse_packages
 from hypersolid.run import Log
 
 POOL = "pool/main/f/foo/foo_1.0_amd64.deb"
@@ -305,18 +307,37 @@ def test_good_cached_deb_is_hashed_once_not_every_run(tmp_path, upstream, deb):
     assert upstream.hits[f"/debian/{POOL}"] == 1
 
 
-def test_packages_index_is_read_in_every_compression_and_by_hash(tmp_path, deb):
+def test_packages_index_is_read_in_every_compression_and_field_order(tmp_path, deb):
     plain = lzma.decompress(packages_index({POOL: deb}))
     want = {POOL: (len(deb), hashlib.sha256(deb).hexdigest())}
     assert parse_packages(plain) == parse_packages(gzip.compress(plain)) == want
     assert parse_packages(b"Package: foo\nDescription-md5: 0\n") == {}  # a Translation file
-    digest = hashlib.sha256(gzip.compress(plain)).hexdigest()
+    sha = hashlib.sha256(deb).hexdigest()
+    other_order = (f"Package: a\nSHA256: {sha}\nFilename: {POOL}\nSize: {len(deb)}\n\n"
+                   f"Package: b\nFilename: pool/b.deb\nSize: 1\n\n"  # no SHA256: not checked
+                   f"Package: c\nFilename: pool/c.deb\nSize: 2\nSHA256: {'0' * 64}\n").encode()
+    assert parse_packages(other_order) == {**want, "pool/c.deb": (2, "0" * 64)}
+
+
+
+@pytest.mark.parametrize("release_names_it", [True, False])
+def test_by_hash_packages_index_is_used_for_checks(tmp_path, deb, release_names_it):
+    """apt fetches indexes by hash; the InRelease file says which hash is
+    a Packages file (without one, any by-hash file is tried)."""
+    packages = gzip.compress(lzma.decompress(packages_index({POOL: deb})))
+    digest = hashlib.sha256(packages).hexdigest()
     by_hash = f"dists/bookworm/main/binary-amd64/by-hash/SHA256/{digest}"
-    up = Upstream({f"/debian/{by_hash}": gzip.compress(plain), f"/debian/{POOL}": b"damaged"})
+    release = (f"Suite: bookworm\nMD5Sum:\n {'0' * 32} {len(packages)} main/binary-amd64/Packages.gz\n"
+               f"SHA256:\n {'1' * 64} 10 main/i18n/Translation-en.gz\n"
+               f" {digest} {len(packages)} main/binary-amd64/Packages.gz\n").encode()
+    up = Upstream({f"/debian/{by_hash}": packages, f"/debian/{POOL}": b"damaged",
+                   "/debian/dists/bookworm/InRelease": release})
     try:
         with DebProxy(tmp_path / "debs", [up.base]) as proxy:
+            if release_names_it:
+                get(proxy, f"{up.base}/dists/bookworm/InRelease")
             get(proxy, f"{up.base}/{by_hash}")
-            get(proxy, f"{up.base}/{POOL}")
+            assert get(proxy, f"{up.base}/{POOL}") == (200, b"damaged")
     finally:
         up.close()
     assert not cached_path(tmp_path / "debs", up.base).exists()  # checked against the by-hash index
@@ -359,3 +380,39 @@ def test_escaped_name_is_stored_as_apt_asks_and_checked_by_its_index_name(tmp_pa
     finally:
         up.close()
     assert cached.read_bytes() == deb and up.hits[f"/debian/{escaped}"] == 2
+
+
+def test_host_sources_serve_only_the_keyring_package(tmp_path, upstream, deb):
+    """multistrap downloads the keyring with the host's apt sources; from
+    those the proxy forwards keyring packages and nothing else."""
+    keyring = "pool/main/d/debian-archive-keyring/debian-archive-keyring_2023.3%2bdeb12u2_all.deb"
+    upstream.files[f"/debian/{keyring}"] = deb
+    target_mirror = "http://mirror.example.org/debian"
+    with DebProxy(tmp_path / "debs", [target_mirror], keyring_sources=[upstream.base]) as proxy:
+        assert get(proxy, f"{upstream.base}/{keyring}") == (200, deb)
+        assert get(proxy, f"{upstream.base}/{POOL}")[0] == 403
+        assert get(proxy, f"{upstream.base}/{INDEX}")[0] == 403
+    assert upstream.hits == {f"/debian/{keyring}": 1}
+
+
+def test_host_apt_sources_reads_list_and_deb822_files(tmp_path):
+    etc = tmp_path / "apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "sources.list").write_text("# comment\ndeb [arch=amd64 signed-by=/k.gpg] http://a.example/debian bookworm main\n"
+                                      "deb-src http://src.example/debian bookworm main\n")
+    (etc / "sources.list.d/x.sources").write_text("Types: deb\nURIs: http://b.example/debian http://a.example/debian\n"
+                                                  "Suites: bookworm\n\nTypes: deb\nURIs: https://c.example/x\n")
+    (etc / "sources.list.d/off.list.disabled").write_text("deb http://d.example/debian bookworm main\n")
+    assert host_apt_sources(etc) == ["http://a.example/debian", "http://b.example/debian"]
+
+
+@pytest.mark.integration
+def test_bootstrap_from_unreachable_mirror_fails_naming_mirror_and_cause(tmp_path):
+    needs_root_and_tools()
+    mirror = "http://127.0.0.1:9/debian"  # discard: nothing listens there
+    p = TestProject(tmp_path / "project", tmp_path / "cache")
+    p.target("tiny", tiny_target().replace(f"mirror: {MIRROR}", f"mirror: {mirror}"))
+    with untouched_host(tmp_path, p.root, p.cache):
+        result = outcome(p.doit("bootstrap:tiny", check=False, timeout=600))
+    assert result.status != 0
+    result.line("bootstrap:tiny", f"cannot reach the mirror {mirror}: connection refused")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import hooks
 from ..config import Target
-from ..debproxy import DebProxy
+from ..debproxy import DebProxy, host_apt_sources
 from ..dpkg import host_version
 from ..run import BuildError, Log, run
 from . import Stage, Unit, register
@@ -73,8 +73,10 @@ class Bootstrap(Stage):
         tree = out / "tree"
         ini = out / "multistrap.ini"
         ini.write_text(multistrap_ini(unit.arch, tree, sections_for(unit.target, unit.arch)))
+        # multistrap downloads the keyring package with the host's apt sources.
         with DebProxy(unit.cache.root / "debs", source_urls(unit.target, unit.arch),
-                      upstream_proxy=unit.target.apt_proxy, log=log) as proxy:
+                      keyring_sources=host_apt_sources(), upstream_proxy=unit.target.apt_proxy,
+                      log=log) as proxy:
             # cwd: multistrap downloads the keyring package into it and `find`s it there.
             try:
                 run(["multistrap", "-f", ini], log, env={"http_proxy": proxy.url}, cwd=out)
