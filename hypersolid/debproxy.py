@@ -37,6 +37,7 @@ import re
 import secrets
 import shutil
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -165,7 +166,6 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         """Never a traceback on the console: a dropped client is normal, the
         rest is one line in the stage log."""
-        import sys
         err = sys.exc_info()[1]
         if not isinstance(err, (BrokenPipeError, ConnectionResetError, TimeoutError)):
             self.proxy._note(f"# deb proxy: request failed: {type(err).__name__}: {err}")
@@ -294,6 +294,7 @@ class DebProxy:
         except (OSError, ValueError):
             merged = {}
         merged.update(self._verified)
+        merged = {rel: v for rel, v in merged.items() if (self.store / rel).is_file()}  # 3 us a file
         tmp = _temp_name(path)
         try:
             tmp.write_text(json.dumps(merged, separators=(",", ":")))
