@@ -343,8 +343,10 @@ class DebProxy:
         parts = urlsplit(url)
         if self.upstream_proxy:
             host, what = urlsplit(self.upstream_proxy).netloc, f"the apt proxy {self.upstream_proxy}"
-        else:
+        elif any(src == source and not keyring_only for *_, src, keyring_only in self.sources):
             host, what = parts.netloc, f"the mirror {source}"
+        else:
+            host, what = parts.netloc, f"the host's apt source {source} (for the keyring)"
         target = url if self.upstream_proxy else (parts.path or "/")
         conns = self._local.__dict__.setdefault("conns", {})
         for attempt in (1, 2):

@@ -395,6 +395,17 @@ def test_host_sources_serve_only_the_keyring_package(tmp_path, upstream, deb):
     assert upstream.hits == {f"/debian/{keyring}": 1}
 
 
+def test_unreachable_host_source_is_named_as_such(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        host_source = f"http://127.0.0.1:{s.getsockname()[1]}/debian"
+    keyring = "pool/main/d/debian-archive-keyring/debian-archive-keyring_1_all.deb"
+    with DebProxy(tmp_path / "debs", ["http://mirror.example.org/debian"], keyring_sources=[host_source]) as proxy:
+        assert get(proxy, f"{host_source}/{keyring}")[0] == 502
+    assert proxy.failure_message() == (f"cannot reach the host's apt source {host_source} (for the keyring): "
+                                       "connection refused")
+
+
 def test_host_apt_sources_reads_list_and_deb822_files(tmp_path):
     etc = tmp_path / "apt"
     (etc / "sources.list.d").mkdir(parents=True)
