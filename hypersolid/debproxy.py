@@ -419,23 +419,26 @@ class DebProxy:
             if found:
                 self._note(f"# deb proxy: {len(found)} package checksums from {rest} "
                            f"in {time.monotonic() - start:.2f}s")
+        except Exception as err:  # a thread's exception would be a traceback on the console
+            self._note(f"# deb proxy: cannot read {rest}: {type(err).__name__}: {err}")
         finally:
             with self._parsed:
                 self._parsing -= 1
                 self._parsed.notify_all()
 
-    def _check_cached(self, path: Path, rel: str, want: tuple[int, str]) -> str | None:
-        """None if the cached file matches its index entry, else what is wrong."""
-        st = path.stat()
+    def _check_cached(self, f, rel: str, want: tuple[int, str]) -> str | None:
+        """None if the open cached file f matches its index entry, else what
+        is wrong (the bytes checked are the bytes then served)."""
+        st = os.fstat(f.fileno())
         if st.st_size != want[0]:
             return f"size {st.st_size}, the index says {want[0]}"
         known = self._verified.get(rel)
         if known == [st.st_size, st.st_mtime_ns, st.st_ino, want[1]]:
             return None
         h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+        f.seek(0)
         if h.hexdigest() != want[1]:
             return "SHA256 differs from the index"
         with self._lock:
@@ -498,16 +501,20 @@ class DebProxy:
                     return
                 cached = proxy.store / rel if rest.endswith(".deb") else None
                 want = proxy._expected(key) if cached is not None else None
-                if cached is not None and cached.is_file():
-                    wrong = proxy._check_cached(cached, rel, want) if want else None
-                    if wrong is None:
-                        size = cached.stat().st_size
-                        self._send(200, {"Content-Type": DEB_TYPE}, size)
-                        if not head:
-                            with open(cached, "rb") as f:
+                try:
+                    f = open(cached, "rb") if cached is not None else None
+                except OSError:
+                    f = None  # not cached (or unreadable): fetch it
+                if f is not None:
+                    with f:
+                        wrong = proxy._check_cached(f, rel, want) if want else None
+                        if wrong is None:
+                            size = os.fstat(f.fileno()).st_size
+                            self._send(200, {"Content-Type": DEB_TYPE}, size)
+                            if not head:
                                 shutil.copyfileobj(f, self.wfile)
-                        proxy._count("served_from_cache", size)
-                        return
+                            proxy._count("served_from_cache", size)
+                            return
                     proxy._note(f"# deb proxy: {cached} is damaged ({wrong}); downloading it again")
                     cached.unlink(missing_ok=True)
                     proxy._count("refetched", 1)
