@@ -6,30 +6,209 @@ pointed at this proxy (http_proxy): pool files (.deb, immutable per URL) are
 served from ``<cache>/debs/<host>/<path>`` or fetched once and stored
 atomically; index files pass through untouched.  Upstream fetches go through
 the target's apt proxy when it has one.
+
+What it refuses and what it checks:
+- It listens on loopback and forwards only absolute-form GET/HEAD requests
+  for plain paths under one of the target's own sources (mirror, security
+  mirror, section sources); everything else gets a 403 and a one-line body.
+- Upstream failures (refused, DNS, timeout, 5xx) are recorded per source
+  (`failures`, `failure_message()`), so a stage can name the mirror and the
+  cause instead of apt's "Unable to locate package".
+- The Packages indexes apt fetches through it are parsed as they pass; a
+  cached .deb whose size or SHA256 differs from its index is deleted and
+  downloaded again, and a download is checked before it is stored.  Hashes
+  of checked files are remembered in ``<store>/.verified.json`` keyed on
+  (size, mtime_ns, inode), so a good file is hashed once, not every run.
+- A .deb that cannot be stored (full disk) is still passed through to apt
+  and noted in the stage log; nothing is ever printed to the console.
+- Temp files are ``.<name>.tmp-<pid>-<hex>``; those of dead writers are
+  swept when a proxy starts.
 """
 from __future__ import annotations
 
+import bz2
+import gzip
+import hashlib
+import http.client
+import json
+import lzma
 import os
+import re
 import secrets
 import shutil
-import http.client
+import socket
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Iterable
+from urllib.parse import unquote, urlsplit
+
+SEGMENT = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9._~+:@=,-]*")
+TEMP = re.compile(r"\..+\.tmp-(\d+)-[0-9a-f]+")
+STANZA = re.compile(rb"^Filename: *(\S+)\n(?:[^\n]+\n)*?Size: *(\d+)\n(?:[^\n]+\n)*?SHA256: *([0-9a-fA-F]{64})$",
+                    re.M)
+RELEASE_SHA256 = re.compile(rb"^ ([0-9a-fA-F]{64}) +\d+ +(\S+)$", re.M)
+INDEX_NAMES = {"Packages", "Packages.xz", "Packages.gz", "Packages.bz2"}
+VERIFIED = ".verified.json"
+DEB_TYPE = "application/vnd.debian.binary-package"
+
+
+KEYRING_DEB = re.compile(r"pool/(?:[^/]+/)+[a-z0-9.+-]+-keyring_[^/]+\.deb")
+
+
+def host_apt_sources(etc: Path = Path("/etc/apt")) -> list[str]:
+    """The archive URLs of the host's own apt sources (one-line .list and
+    deb822 .sources files): multistrap downloads the keyring package with
+    the host's apt configuration, not the target's."""
+    urls: list[str] = []
+    files = [etc / "sources.list", *sorted((etc / "sources.list.d").glob("*.list")),
+             *sorted((etc / "sources.list.d").glob("*.sources"))]
+    for path in files:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if path.suffix == ".sources":
+                if line.lower().startswith("uris:"):
+                    urls += line.split(":", 1)[1].split()
+            elif line.startswith("deb ") or line.startswith("deb\t"):
+                words = re.sub(r"\[[^]]*\]", " ", line).split()
+                if len(words) > 1:
+                    urls.append(words[1])
+    return list(dict.fromkeys(u for u in urls if u.startswith("http://")))
+
+
+class Refused(Exception):
+    """A request the proxy does not forward (403)."""
+
+
+def _netloc(parts) -> str:
+    """host[:port], lower case, without the default port."""
+    host = (parts.hostname or "").lower()
+    port = parts.port  # ValueError for a bad port: the caller refuses
+    return host if port in (None, 80) else f"{host}:{port}"
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe_error(err: BaseException, timeout: float) -> str:
+    """An upstream failure in plain words."""
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(err, socket.gaierror):
+        return f"DNS lookup failed ({err.strerror or err})"
+    if isinstance(err, (TimeoutError, socket.timeout)):
+        return f"no answer within {timeout:g}s (timed out)"
+    if isinstance(err, ConnectionResetError):
+        return "connection reset"
+    if isinstance(err, http.client.RemoteDisconnected):
+        return "connection closed without an answer"
+    if isinstance(err, http.client.HTTPException):
+        return f"bad HTTP answer ({type(err).__name__})"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror[0].lower() + err.strerror[1:]
+    return str(err) or type(err).__name__
+
+
+def parse_packages(data: bytes) -> dict[str, tuple[int, str]]:
+    """Filename -> (Size, SHA256) of a Packages index, compressed (xz, gz,
+    bz2) or plain; {} for anything else (e.g. a Translation file)."""
+    try:
+        if data.startswith(b"\xfd7zXZ\x00"):
+            data = lzma.decompress(data)
+        elif data.startswith(b"\x1f\x8b"):
+            data = gzip.decompress(data)
+        elif data.startswith(b"BZh"):
+            data = bz2.decompress(data)
+    except (lzma.LZMAError, OSError, EOFError, ValueError):
+        return {}
+    if b"\nFilename: " not in data[:65536]:
+        return {}
+    # Fast path (0.4 s for bookworm's main, 63k stanzas): the fields in the
+    # order every archive tool writes them, never across a blank line.
+    out = {name.decode(errors="replace"): (int(size), sha.decode().lower())
+           for name, size, sha in STANZA.findall(data)}
+    if len(out) == data.count(b"\nFilename: ") + data.startswith(b"Filename: "):
+        return out
+    out = {}  # some stanza has another order (or lacks a field): each stanza alone, 1 s
+    for stanza in data.split(b"\n\n"):
+        name = re.search(rb"^Filename: *(\S+)", stanza, re.M)
+        size = re.search(rb"^Size: *(\d+)", stanza, re.M)
+        sha = re.search(rb"^SHA256: *([0-9a-fA-F]{64})", stanza, re.M)
+        if name and size and sha:
+            out[name.group(1).decode(errors="replace")] = (int(size.group(1)), sha.group(1).decode().lower())
+    return out
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, proxy: "DebProxy", handler):
+        self.proxy = proxy
+        super().__init__(("127.0.0.1", 0), handler)
+
+    def handle_error(self, request, client_address) -> None:
+        """Never a traceback on the console: a dropped client is normal, the
+        rest is one line in the stage log."""
+        err = sys.exc_info()[1]
+        if not isinstance(err, (BrokenPipeError, ConnectionResetError, TimeoutError)):
+            self.proxy._note(f"# deb proxy: request failed: {type(err).__name__}: {err}")
 
 
 class DebProxy:
-    def __init__(self, store: Path, upstream_proxy: str | None = None):
+    def __init__(self, store: Path, sources: Iterable[str], *, keyring_sources: Iterable[str] = (),
+                 upstream_proxy: str | None = None, log=None, timeout: float = 60.0):
+        """store: the .deb cache directory; sources: the archive URLs the
+        target's apt may fetch from (nothing else is forwarded);
+        keyring_sources: archives only `pool/.../*-keyring_*.deb` files are
+        forwarded from (multistrap fetches its keyring with the host's apt
+        sources, see host_apt_sources);
+        upstream_proxy: the target's apt_proxy, used for every upstream
+        fetch; log: the stage's hypersolid.run.Log (notes); timeout: seconds
+        an upstream connect or read may take."""
         self.store = Path(store)
         self.upstream_proxy = upstream_proxy
+        self.timeout = timeout
+        self.log = log
+        # (netloc, base path, URL as given, keyring packages only)
+        self.sources: list[tuple[str, str, str, bool]] = []
+        for urls, keyring_only in ((sources, False), (keyring_sources, True)):
+            for url in urls:
+                parts = urlsplit(url)
+                if parts.scheme == "http":
+                    self.sources.append((_netloc(parts), unquote(parts.path).rstrip("/"),
+                                         url.rstrip("/"), keyring_only))
+        self.failures: dict[str, str] = {}  # "the mirror URL" -> cause, first cause each
         self.downloaded = 0  # bytes fetched from upstream, indexes included
         self.downloaded_debs = 0  # of which package files
         self.served_from_cache = 0  # bytes of .deb served without downloading
+        self.refetched = 0  # cached .debs found damaged and downloaded again
         self._lock = threading.Lock()
+        self._index: dict[str, tuple[int, str]] = {}  # store-relative path -> (size, sha256)
+        self._parsing = 0  # index parses in progress (a .deb lookup waits for them)
+        self._parsed = threading.Condition(self._lock)
+        self._release_seen = False
+        self._by_hash: set[str] = set()  # SHA256 digests of Packages files (Release files)
+        self._verified: dict[str, list] = {}  # store-relative path -> [size, mtime_ns, ino, sha256]
+        self._verified_dirty = False
         self._local = threading.local()  # upstream connections, one set per handler thread
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
+        self._server = _Server(self, self._handler())
         self._thread: threading.Thread | None = None
 
     @property
@@ -38,44 +217,150 @@ class DebProxy:
         return f"http://{host}:{port}"
 
     def __enter__(self) -> "DebProxy":
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self.sweep()
+        self._load_verified()
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,), daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._server.shutdown()
         self._server.server_close()
+        self._save_verified()
+
+    # -- bookkeeping -----------------------------------------------------
+
+    def _note(self, text: str) -> None:
+        if self.log is None:
+            return
+        try:
+            self.log.note(text)
+        except OSError:
+            pass  # the log's disk is full too: nothing better to do
 
     def _count(self, attr: str, n: int) -> None:
         with self._lock:
             setattr(self, attr, getattr(self, attr) + n)
 
-    def _cached_path(self, url: str) -> Path | None:
-        parts = urlsplit(url)
-        if not parts.path.endswith(".deb") or ".." in parts.path.split("/"):
-            return None
-        return self.store / parts.netloc.replace(":", "_") / parts.path.lstrip("/")
+    def failure_message(self) -> str | None:
+        """'cannot reach the mirror URL: cause[; ...]', or None."""
+        with self._lock:
+            if not self.failures:
+                return None
+            return "cannot reach " + "; ".join(f"{what}: {cause}" for what, cause in self.failures.items())
 
-    def _fetch(self, url: str) -> tuple[int, dict, bytes]:
+    def _fail(self, what: str, cause: str) -> None:
+        with self._lock:
+            first = what not in self.failures
+            self.failures.setdefault(what, cause)
+        if first:
+            self._note(f"# deb proxy: cannot reach {what}: {cause}")
+
+    def sweep(self) -> list[Path]:
+        """Remove temp files of writers that are gone (killed, or ENOSPC
+        before the cleanup ran)."""
+        removed = []
+        if not self.store.is_dir():
+            return removed
+        for dirpath, _dirs, files in os.walk(self.store):
+            for name in files:
+                m = TEMP.fullmatch(name)
+                if m and not _pid_alive(int(m.group(1))):
+                    path = Path(dirpath) / name
+                    try:
+                        path.unlink()
+                        removed.append(path)
+                    except OSError:
+                        pass
+        if removed:
+            self._note(f"# deb proxy: removed {len(removed)} temp file(s) of dead writers from {self.store}")
+        return removed
+
+    def _load_verified(self) -> None:
+        try:
+            data = json.loads((self.store / VERIFIED).read_text())
+            self._verified = {k: v for k, v in data.items() if isinstance(v, list) and len(v) == 4}
+        except (OSError, ValueError, AttributeError):
+            self._verified = {}
+
+    def _save_verified(self) -> None:
+        if not self._verified_dirty:
+            return
+        path = self.store / VERIFIED
+        try:
+            merged = json.loads(path.read_text())  # another proxy (doit -n 2) may have added some
+            if not isinstance(merged, dict):
+                merged = {}
+        except (OSError, ValueError):
+            merged = {}
+        merged.update(self._verified)
+        merged = {rel: v for rel, v in merged.items() if (self.store / rel).is_file()}  # 3 us a file
+        tmp = _temp_name(path)
+        try:
+            tmp.write_text(json.dumps(merged, separators=(",", ":")))
+            os.replace(tmp, path)
+        except OSError as err:
+            self._note(f"# deb proxy: cannot save {path}: {err.strerror}")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # -- requests ----------------------------------------------------------
+
+    def route(self, url: str) -> tuple[str, str, str, str]:
+        """(source URL, path below the source, its index key, its file
+        below the store) of an allowed request URL; raises Refused otherwise.
+
+        The index key is the decoded path (as Packages' Filename says it);
+        the file keeps apt's own escaping (`%2b`), as caches always had it."""
+        try:
+            parts = urlsplit(url)
+            netloc = _netloc(parts)
+        except ValueError:
+            raise Refused("not a valid URL") from None
+        if parts.scheme != "http" or not parts.hostname:
+            raise Refused("only absolute http:// URLs are proxied")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise Refused("no query, fragment or credentials")
+        path = unquote(parts.path)
+        for src_netloc, base, src_url, keyring_only in self.sources:
+            if netloc == src_netloc and path.startswith(base + "/"):
+                rest = path[len(base) + 1:]
+                if keyring_only and not KEYRING_DEB.fullmatch(rest):
+                    continue
+                segments = rest.split("/")
+                if not all(SEGMENT.fullmatch(s) for s in segments):
+                    raise Refused("not a plain archive path")
+                top = netloc.replace(":", "_")
+                key = f"{top}{base}/{rest}"
+                stored = f"{top}{parts.path}"
+                return src_url, rest, key, stored
+        raise Refused(f"{parts.scheme}://{parts.netloc}{parts.path} is not under a source of this target")
+
+    def _fetch(self, url: str, source: str) -> tuple[int, dict, bytes]:
         """GET url upstream over a kept-alive connection of this thread:
         a new TCP (and CDN) handshake per package costs more than the
         download of most packages."""
         parts = urlsplit(url)
-        if parts.scheme != "http":
-            raise OSError(f"only http:// is proxied, not {parts.scheme}://")
-        host = urlsplit(self.upstream_proxy).netloc if self.upstream_proxy else parts.netloc
-        target = url if self.upstream_proxy else (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if self.upstream_proxy:
+            host, what = urlsplit(self.upstream_proxy).netloc, f"the apt proxy {self.upstream_proxy}"
+        elif any(src == source and not keyring_only for *_, src, keyring_only in self.sources):
+            host, what = parts.netloc, f"the mirror {source}"
+        else:
+            host, what = parts.netloc, f"the host's apt source {source} (for the keyring)"
+        target = url if self.upstream_proxy else (parts.path or "/")
         conns = self._local.__dict__.setdefault("conns", {})
         for attempt in (1, 2):
-            conn = conns.get(host) or http.client.HTTPConnection(host, timeout=120)
+            reused = host in conns
+            conn = conns.get(host) or http.client.HTTPConnection(host, timeout=self.timeout)
             try:
                 conn.request("GET", target, headers={"Host": parts.netloc, "User-Agent": "hypersolid-debproxy"})
                 resp = conn.getresponse()
                 body = resp.read()
-            except (http.client.HTTPException, OSError):
+            except (http.client.HTTPException, OSError) as err:
                 conn.close()
                 conns.pop(host, None)
-                if attempt == 2:
+                if attempt == 2 or not reused:  # a fresh connection that failed fails again
+                    self._fail(what, describe_error(err, self.timeout))
                     raise
                 continue
             if resp.will_close:
@@ -85,14 +370,111 @@ class DebProxy:
                 conns[host] = conn
             break
         self._count("downloaded", len(body))
+        if resp.status >= 500:
+            self._fail(what, f"it answers {resp.status} {resp.reason}")
         keep = {k: resp.headers[k] for k in ("Content-Type", "Last-Modified") if resp.headers.get(k)}
         return resp.status, keep, body
 
-    def _store(self, path: Path, body: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-        tmp.write_bytes(body)
-        os.replace(tmp, path)
+    def _expected(self, rel: str) -> tuple[int, str] | None:
+        with self._parsed:
+            if self._parsing:
+                start = time.monotonic()
+                self._parsed.wait_for(lambda: self._parsing == 0, timeout=120)
+                self._note(f"# deb proxy: {rel.rsplit('/', 1)[-1]} waited {time.monotonic() - start:.2f}s "
+                           "for the index checksums")
+            return self._index.get(rel)
+
+    def _is_packages(self, rest: str) -> bool:
+        """Whether rest (a path below a source) is a Packages index: by name,
+        or a by-hash URL whose digest a Release file gave to a Packages file
+        (any by-hash file when no Release file was seen)."""
+        if "/dists/" not in "/" + rest:
+            return False
+        name = rest.rsplit("/", 1)[-1]
+        if name in INDEX_NAMES:
+            return True
+        if "/by-hash/SHA256/" in rest:
+            with self._lock:
+                return name in self._by_hash if self._release_seen else True
+        return False
+
+    def _learn_release(self, body: bytes) -> None:
+        """Note the by-hash digests of the Packages files a Release lists."""
+        digests = {m[0].decode().lower() for m in RELEASE_SHA256.findall(body)
+                   if m[1].rsplit(b"/", 1)[-1].decode(errors="replace") in INDEX_NAMES}
+        with self._lock:
+            self._release_seen = True
+            self._by_hash |= digests
+
+    def _learn(self, key: str, rest: str, body: bytes) -> None:
+        """Add a Packages index (key: its index key, rest: its path below
+        the source) to the map."""
+        start = time.monotonic()
+        try:
+            entries = parse_packages(body)
+            root = key[:len(key) - len(rest)].rstrip("/")
+            found = {f"{root}/{name}": v for name, v in entries.items()}
+            with self._lock:
+                self._index.update(found)
+            if found:
+                self._note(f"# deb proxy: {len(found)} package checksums from {rest} "
+                           f"in {time.monotonic() - start:.2f}s")
+        except Exception as err:  # a thread's exception would be a traceback on the console
+            self._note(f"# deb proxy: cannot read {rest}: {type(err).__name__}: {err}")
+        finally:
+            with self._parsed:
+                self._parsing -= 1
+                self._parsed.notify_all()
+
+    def _check_cached(self, f, rel: str, want: tuple[int, str]) -> str | None:
+        """None if the open cached file f matches its index entry, else what
+        is wrong (the bytes checked are the bytes then served)."""
+        st = os.fstat(f.fileno())
+        if st.st_size != want[0]:
+            return f"size {st.st_size}, the index says {want[0]}"
+        known = self._verified.get(rel)
+        if known == [st.st_size, st.st_mtime_ns, st.st_ino, want[1]]:
+            return None
+        h = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+        f.seek(0)
+        if h.hexdigest() != want[1]:
+            return "SHA256 differs from the index"
+        with self._lock:
+            self._verified[rel] = [st.st_size, st.st_mtime_ns, st.st_ino, want[1]]
+            self._verified_dirty = True
+        return None
+
+    def _store(self, path: Path, rel: str, body: bytes, sha: str) -> None:
+        """Store body atomically; on failure (full disk) note it and go on:
+        the caller passes the bytes to apt anyway."""
+        tmp = _temp_name(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "xb") as f:
+                f.write(body)
+            os.replace(tmp, path)
+        except OSError as err:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            free = "unknown"
+            for d in (path.parent, self.store):
+                try:
+                    st = os.statvfs(d)
+                    free = f"{st.f_bavail * st.f_frsize} bytes free in {d}"
+                    break
+                except OSError:
+                    continue
+            self._note(f"# deb proxy: cannot store {path} ({len(body)} bytes): "
+                       f"{err.strerror or err} ({free}); passed to apt without caching")
+            return
+        st = path.stat()
+        with self._lock:
+            self._verified[rel] = [st.st_size, st.st_mtime_ns, st.st_ino, sha]
+            self._verified_dirty = True
 
     def _handler(proxy):  # noqa: N805 - closes over the proxy instance
         class Handler(BaseHTTPRequestHandler):
@@ -101,33 +483,77 @@ class DebProxy:
             def log_message(self, *args):  # keep the build log for apt's own lines
                 pass
 
+            def parse_request(self) -> bool:
+                if not super().parse_request():
+                    return False
+                if self.command not in ("GET", "HEAD"):
+                    self.close_connection = True  # an unread body would be taken for the next request
+                    self._text(403, f"method {self.command} is not proxied")
+                    return False
+                return True
+
             def do_GET(self, head: bool = False):
                 url = self.path
-                cached = proxy._cached_path(url)
-                if cached is not None and cached.is_file():
-                    size = cached.stat().st_size
-                    self._send(200, {"Content-Type": "application/vnd.debian.binary-package"}, size)
-                    if not head:
-                        with open(cached, "rb") as f:
-                            shutil.copyfileobj(f, self.wfile)
-                    proxy._count("served_from_cache", size)
-                    return
                 try:
-                    status, headers, body = proxy._fetch(url)
-                except OSError as err:
-                    msg = f"hypersolid deb proxy: {url}: {err}\n".encode()
-                    self._send(502, {"Content-Type": "text/plain"}, len(msg))
-                    self.wfile.write(msg)
+                    source, rest, key, rel = proxy.route(url)
+                except Refused as why:
+                    self._text(403, str(why), head)
+                    return
+                cached = proxy.store / rel if rest.endswith(".deb") else None
+                want = proxy._expected(key) if cached is not None else None
+                try:
+                    f = open(cached, "rb") if cached is not None else None
+                except OSError:
+                    f = None  # not cached (or unreadable): fetch it
+                if f is not None:
+                    with f:
+                        wrong = proxy._check_cached(f, rel, want) if want else None
+                        if wrong is None:
+                            size = os.fstat(f.fileno()).st_size
+                            self._send(200, {"Content-Type": DEB_TYPE}, size)
+                            if not head:
+                                shutil.copyfileobj(f, self.wfile)
+                            proxy._count("served_from_cache", size)
+                            return
+                    proxy._note(f"# deb proxy: {cached} is damaged ({wrong}); downloading it again")
+                    cached.unlink(missing_ok=True)
+                    proxy._count("refetched", 1)
+                try:
+                    status, headers, body = proxy._fetch(url, source)
+                except (http.client.HTTPException, OSError) as err:
+                    self._text(502, f"{url}: {describe_error(err, proxy.timeout)}", head)
                     return
                 if cached is not None and status == 200:
-                    proxy._store(cached, body)
+                    sha = hashlib.sha256(body).hexdigest()
+                    if want and (len(body), sha) != want:
+                        proxy._note(f"# deb proxy: {url} arrived damaged (size {len(body)}, index says "
+                                    f"{want[0]}, SHA256 {'ok' if sha == want[1] else 'differs'}); not cached")
+                    else:
+                        proxy._store(cached, rel, body, sha)
                     proxy._count("downloaded_debs", len(body))
-                self._send(status, headers, len(body))
-                if not head:
-                    self.wfile.write(body)
+                index = status == 200 and proxy._is_packages(rest)
+                if status == 200 and rest.rsplit("/", 1)[-1] in ("InRelease", "Release"):
+                    proxy._learn_release(body)
+                if index:
+                    with proxy._parsed:
+                        proxy._parsing += 1  # before apt has the answer, so its next request waits
+                try:
+                    self._send(status, headers, len(body))
+                    if not head:
+                        self.wfile.write(body)
+                        self.wfile.flush()
+                finally:
+                    if index:  # in its own thread: apt's next index on this connection need not wait
+                        threading.Thread(target=proxy._learn, args=(key, rest, body), daemon=True).start()
 
             def do_HEAD(self):
                 self.do_GET(head=True)
+
+            def _text(self, status: int, message: str, head: bool = False):
+                msg = f"hypersolid deb proxy: {message}\n".encode()
+                self._send(status, {"Content-Type": "text/plain"}, len(msg))
+                if not head:
+                    self.wfile.write(msg)
 
             def _send(self, status, headers, length):
                 self.send_response(status)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from .. import hooks
 from ..config import Target
-from ..debproxy import DebProxy
+from ..debproxy import DebProxy, host_apt_sources
 from ..dpkg import host_version
-from ..run import Log, run
+from ..run import BuildError, Log, run
 from . import Stage, Unit, register
 
 KEYRING = "debian-archive-keyring"
@@ -31,6 +31,11 @@ def sections_for(target: Target, arch: str) -> list[dict]:
         out.append({"name": "security", "packages": [], "suite": f"{target.suite}-security",
                     "components": components, "source": target.security_mirror})
     return out
+
+
+def source_urls(target: Target, arch: str) -> list[str]:
+    """The archive URLs the target's apt fetches from: all DebProxy forwards to."""
+    return list(dict.fromkeys([target.mirror, *(s["source"] for s in sections_for(target, arch))]))
 
 
 def multistrap_ini(arch: str, directory: Path, sections: list[dict]) -> str:
@@ -69,9 +74,18 @@ class Bootstrap(Stage):
         tree = out / "tree"
         ini = out / "multistrap.ini"
         ini.write_text(multistrap_ini(unit.arch, tree, sections_for(unit.target, unit.arch)))
-        with DebProxy(unit.cache.root / "debs", unit.target.apt_proxy) as proxy:
+        # multistrap downloads the keyring package with the host's apt sources.
+        with DebProxy(unit.cache.root / "debs", source_urls(unit.target, unit.arch),
+                      keyring_sources=host_apt_sources(), upstream_proxy=unit.target.apt_proxy,
+                      log=log) as proxy:
             # cwd: multistrap downloads the keyring package into it and `find`s it there.
-            run(["multistrap", "-f", ini], log, env={"http_proxy": proxy.url}, cwd=out)
+            try:
+                run(["multistrap", "-f", ini], log, env={"http_proxy": proxy.url}, cwd=out)
+            except BuildError:
+                unreachable = proxy.failure_message()
+                if unreachable is None:
+                    raise
+                raise log.fail(unreachable) from None
         stats = {"downloaded_bytes": proxy.downloaded, "downloaded_deb_bytes": proxy.downloaded_debs,
                  "reused_deb_bytes": proxy.served_from_cache}
         (out / "stats.json").write_text(json.dumps(stats))

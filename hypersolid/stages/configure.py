@@ -16,6 +16,7 @@ from ..container import install_script, run_in
 from ..debproxy import DebProxy
 from ..dpkg import read_status, write_package_manifest
 from ..run import Log, run
+from .bootstrap import source_urls
 from . import Stage, Unit, register
 
 PREPARE = r"""#!/bin/sh
@@ -98,7 +99,8 @@ class Configure(Stage):
         run(["cp", "-a", "--reflink=auto", unit.output("bootstrap") / "tree", tree], log)
         run_in(tree, [install_script(tree, "prepare", PREPARE)], log, unit.arch)
         # apt in a hook downloads through the caching proxy (no DNS needed inside).
-        with DebProxy(unit.cache.root / "debs", unit.target.apt_proxy) as proxy:
+        with DebProxy(unit.cache.root / "debs", source_urls(unit.target, unit.arch),
+                      upstream_proxy=unit.target.apt_proxy, log=log) as proxy:
             hooks.run_in_tree(unit, "pre-configure", tree, log, env={"http_proxy": proxy.url})
         run_in(tree, [install_script(tree, "finish", FINISH), unit.target.locale], log, unit.arch)
         broken = [f"{r.get('Package')} ({r.get('Status')})" for r in read_status(tree)
