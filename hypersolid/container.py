@@ -4,9 +4,9 @@ mount and PID namespace when nspawn is unavailable.
 Neither leaves a mount or a process on the host: both are argv prefixes
 for the runner, which starts them in a PID and mount namespace of their
 own (nspawn adds its own; the fallback's proc/sys/dev mounts die with the
-runner's), killed as a whole on a signal, a timeout or doit's death.  Foreign-architecture binaries run
-through the host's binfmt_misc qemu-user handlers (registered with the F
-flag, so nothing is copied into the tree).
+runner's), killed as a whole on a signal, a timeout or doit's death.
+Foreign-architecture binaries run through the host's binfmt_misc qemu-user
+handlers (registered with the F flag, so nothing is copied into the tree).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from . import intree
 from .run import Log, output, run
 
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
@@ -134,7 +135,6 @@ def install_script(tree: Path, name: str, text: str) -> str:
     """Put a build script into the tree's /.hypersolid (not /tmp: nspawn
     mounts a tmpfs there), made afresh each time; returns its path inside
     the tree."""
-    from . import intree
     with intree.Root(tree) as root:
         root.fresh_dir(".hypersolid")  # whatever was there (a link, a package's) goes
         root.write_text(f".hypersolid/{name}", text, 0o755)
