@@ -85,7 +85,8 @@ class Configure(Stage):
     upstream = ("bootstrap",)
     doc = "packages configured in a container (dpkg --configure, pre-configure hooks)"
     reads = ("locale",)
-    uses = ("apt_proxy", "hook_timeout")
+    # The proxy's allowed sources: the bootstrap key (upstream) holds them already.
+    uses = ("apt_proxy", "hook_timeout", "mirror", "security_mirror", "sections", "suite")
 
     def computed(self, unit: Unit) -> dict:
         return {"scripts": [PREPARE, FINISH]}
