@@ -85,7 +85,9 @@ class Configure(Stage):
     upstream = ("bootstrap",)
     doc = "packages configured in a container (dpkg --configure, pre-configure hooks)"
     reads = ("locale",)
-    uses = ("apt_proxy", "hook_timeout")
+    # The sources the hooks' proxy forwards to: bootstrap's inputs, so already
+    # in this stage's key through the bootstrap key.
+    uses = ("apt_proxy", "hook_timeout", "suite", "mirror", "security_mirror", "sections")
 
     def computed(self, unit: Unit) -> dict:
         return {"scripts": [PREPARE, FINISH]}
