@@ -472,6 +472,70 @@ BAD = [
             """},
         "t", "base", "image", 3, "unknown image type 'iso'",
         id="error-in-extended-target-names-its-file"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            image_sources: default
+            """},
+        "t", "t", "image_sources", 6, "expected a list of sources or none, got 'default'",
+        id="image-sources-not-a-list-or-none"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            image_sources:
+              - uris: [http://deb.debian.org/debian]
+                suite: bookworm
+            """},
+        "t", "t", "image_sources[0].suite", 8, "unknown key (allowed here: components, signed_by, suites, uris)",
+        id="image-sources-unknown-key"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            image_sources:
+              - uris: [http://deb.debian.org/debian]
+            """},
+        "t", "t", "image_sources[0].suites", 7, "required key is missing",
+        id="image-sources-without-suites"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            image_sources:
+              - uris: [http://apt.example/flat]
+                suites: [./]
+                components: [main]
+            """},
+        "t", "t", "image_sources[0].components", 9, "an exact path suite (./) takes no components",
+        id="image-sources-flat-suite-with-components"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            image_sources:
+              - uris: [http://deb.debian.org/debian]
+                suites: [bookworm]
+                signed_by: debian.gpg
+            """},
+        "t", "t", "image_sources[0].signed_by", 9, "is not an absolute path of a keyring in the image",
+        id="image-sources-relative-signed-by"),
 ]
 
 
