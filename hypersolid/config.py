@@ -272,6 +272,9 @@ CRYPT_HASH = (rf"\$y\${_B64}+\${_B64}+\${_B64}+"
 _CRYPT_HINT = ("a crypt(3) hash ($y$, $6$, $5$, $2b$ or $1$ and only the characters [./0-9A-Za-z] "
                "between the $ fields; make one with `mkpasswd -m sha-512`), '!' or '*' (locked)")
 CRYPT = Str(rf"!?({CRYPT_HASH})|!|\*", _CRYPT_HINT)
+# A user's password may also be "" (empty, not locked), but only with
+# password_change_on_first_login: true (checked after merging, _check_users).
+USER_PASSWORD = Str(rf"|!?({CRYPT_HASH})|!|\*", _CRYPT_HINT + ', or "" with password_change_on_first_login: true')
 URL = Str(r"(https?|file)://\S+", "an http(s):// or file:// URL")
 NAME = Str(r"[a-z_][a-z0-9_-]*", "a user/group name")
 UNIT = Str(r"[A-Za-z0-9@_.:\\-]+", "a systemd unit name")
@@ -288,7 +291,8 @@ USER = Record(
     name=Field(NAME, required=True),
     groups=Field(ListOf(NAME), [], "union"),
     sudo=Field(Bool(), False),
-    password=Field(Optional(CRYPT)),
+    password=Field(Optional(USER_PASSWORD)),
+    password_change_on_first_login=Field(Bool(), False),
     shell=Field(Str(r"/[^\s:]+", "an absolute path without ':' or spaces"), "/bin/bash"),
 )
 SUITE_OR_PATH = Str(r"[A-Za-z0-9.\-_/]+", "a suite name (or an exact path ending in /)")
@@ -453,8 +457,9 @@ class User:
     name: str
     groups: tuple[str, ...]
     sudo: bool
-    password: str | None
+    password: str | None  # None: locked; "": empty (only with password_change_on_first_login)
     shell: str
+    password_change_on_first_login: bool = False  # shadow's last change 0
 
 
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
@@ -742,6 +747,7 @@ def _load_target(targets_dir: Path, name: str) -> Target:
                 raise ConfigError(file, 1, key, "required to build this target, but neither it nor "
                                   f"the targets it extends ({', '.join(order[:-1]) or 'none'}) set it "
                                   "(mark it `abstract: true` if it is only a base)")
+    _check_users(targets_dir, order, v["users"])
     sections = tuple(
         Section(name=s["name"], packages=tuple(s["packages"]),
                 arch_packages=tuple(sorted((a, tuple(p)) for a, p in s["arch_packages"].items())),
@@ -766,7 +772,9 @@ def _load_target(targets_dir: Path, name: str) -> Target:
         image_sources=image_sources, sections=sections,
         hostname=v["hostname"], locale=v["locale"], timezone=v["timezone"],
         users=tuple(User(name=u["name"], groups=tuple(u["groups"]), sudo=u["sudo"],
-                         password=u["password"], shell=u["shell"]) for u in v["users"]),
+                         password=u["password"], shell=u["shell"],
+                         password_change_on_first_login=u["password_change_on_first_login"])
+                    for u in v["users"]),
         root_password=v["root_password"],
         services_enable=tuple(v["services"]["enable"]),
         services_disable=tuple(v["services"]["disable"]),
@@ -782,6 +790,47 @@ def _load_target(targets_dir: Path, name: str) -> Target:
         rpi_consoles=tuple(v["raspberrypi"]["consoles"]),
         rpi_config_txt=tuple(v["raspberrypi"]["config_txt"]),
     )
+
+
+def _locked(password: str | None) -> bool:
+    return password is None or password == "*" or password.startswith("!")
+
+
+def _check_users(targets_dir: Path, order: list[str], users: list[dict]) -> None:
+    """Password rules that span layers (a password in one target, the
+    first-login change in another): the error names the layer and key that
+    made the merged user wrong."""
+    for user in users:
+        wrong = None
+        if user["password"] == "" and not user["password_change_on_first_login"]:
+            wrong = ("password", 'an empty password needs password_change_on_first_login: true '
+                     "(or give a crypt hash; absent: locked)")
+        elif user["password_change_on_first_login"] and _locked(user["password"]):
+            shown = "absent (locked)" if user["password"] is None else repr(user["password"])
+            wrong = ("password_change_on_first_login",
+                     f"the account is locked (password {shown}): a locked account cannot log in to "
+                     'change it; give password: "" (empty) or a crypt hash')
+        if wrong is None:
+            continue
+        keys = ("password", "password_change_on_first_login")
+        for layer in reversed(order):  # the last layer that set either key made it so
+            file = _target_file(targets_dir, layer)
+            values, _ = _read_layer(file)
+            for i, item in enumerate(values.get("users", [])):
+                if item["name"] == user["name"] and any(k in item for k in keys):
+                    key = wrong[0] if wrong[0] in item else next(k for k in keys if k in item)
+                    raise ConfigError(file, _user_key_line(file, i, key), f"users[{i}].{key}", wrong[1])
+
+
+def _user_key_line(file: Path, index: int, key: str) -> int:
+    """The line of users[index].key in a file (only on the error path)."""
+    node = _compose(file, _read_text(file))
+    for _, name, vnode in _pairs(file, node, ""):
+        if name == "users":
+            for knode, kname, _ in _pairs(file, vnode.value[index], "users"):
+                if kname == key:
+                    return knode.start_mark.line + 1
+    return 1
 
 
 def clear_caches() -> None:

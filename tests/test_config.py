@@ -536,6 +536,81 @@ BAD = [
             """},
         "t", "t", "image_sources[0].signed_by", 9, "is not an absolute path of a keyring in the image",
         id="image-sources-relative-signed-by"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            users:
+              - name: alice
+                password: ""
+            """},
+        "t", "t", "users[0].password", 8, "an empty password needs password_change_on_first_login: true",
+        id="empty-password-without-first-login-change"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            users:
+              - name: alice
+                groups: [adm]
+                password_change_on_first_login: true
+            """},
+        "t", "t", "users[0].password_change_on_first_login", 9,
+        "the account is locked (password absent (locked)): a locked account cannot",
+        id="first-login-change-of-a-locked-account"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            users:
+              - name: alice
+                password: "!$6$salt$hashhashhash"
+                password_change_on_first_login: true
+            """},
+        "t", "t", "users[0].password_change_on_first_login", 9, "the account is locked (password '!$6$salt",
+        id="first-login-change-of-a-locked-hash"),
+    pytest.param(
+        {"base": """\
+            abstract: true
+            users:
+              - name: bob
+              - name: alice
+                password: ""
+                password_change_on_first_login: true
+            """,
+         "t": """\
+            extends: [base]
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            users:
+              - name: alice
+                password: '*'
+            """},
+        "t", "t", "users[0].password", 9, "the account is locked (password '*')",
+        id="first-login-change-locked-by-a-later-layer-names-that-layer"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            root_password: ""
+            """},
+        "t", "t", "root_password", 6, "'' is not a crypt(3) hash",
+        id="empty-root-password"),
 ]
 
 
@@ -1112,3 +1187,31 @@ def test_duplicate_section_name_in_a_later_layer_is_rejected_too(root):
     with pytest.raises(ConfigError) as err:
         Project(root).load("t")
     assert (err.value.line, err.value.key) == (6, "sections[1].name")
+
+
+def test_empty_password_with_first_login_change_and_across_layers(root):
+    write(root, "base", """\
+        abstract: true
+        users:
+          - name: alice
+            password: ""
+          - name: bob
+            password: '$6$salt$hashhashhash'
+            password_change_on_first_login: true
+        """)
+    write(root, "t", """\
+        extends: [base]
+        architectures: [amd64]
+        suite: bookworm
+        mirror: http://deb.debian.org/debian
+        sections:
+          - name: debian
+        users:
+          - name: alice
+            password_change_on_first_login: true
+          - name: carol
+        """)
+    users = {u.name: u for u in Project(root).load("t").users}
+    assert (users["alice"].password, users["alice"].password_change_on_first_login) == ("", True)
+    assert (users["bob"].password, users["bob"].password_change_on_first_login) == ("$6$salt$hashhashhash", True)
+    assert (users["carol"].password, users["carol"].password_change_on_first_login) == (None, False)

@@ -30,6 +30,15 @@ def image(request, tmp_path_factory, shared_cache):
     subprocess.run(["cp", "-a", f"{REPO}/rootfs/.", str(p.root / "rootfs")], check=True)
     p.target("sshbox", tiny_target(packages="openssh-server", extra="""\
         services: {enable: [ssh, hypersolid-firstboot]}
+        users:
+          - name: alice
+            password: ""
+            password_change_on_first_login: true
+          - name: bob
+            password: '$6$saltsalt$hashhashhash'
+            password_change_on_first_login: true
+          - name: carol
+            password: '$6$saltsalt$hashhashhash'
         """))
     p.write("targets/sshbox/hooks/post-configure.d/10-noop", "#!/bin/sh\ntrue\n", mode=0o755)
     p.doit("squashfs:sshbox")
@@ -62,6 +71,17 @@ def test_root_is_locked_without_a_password_hash(image):
     rows = [line.split(":") for line in cat(path, "etc/shadow").splitlines()]
     root = [r for r in rows if r[0] == "root"]
     assert len(root) == 1 and root[0][1] in ("*", "!", "!*")
+
+
+def test_shadow_fields_of_users_who_change_the_password_at_first_login(image):
+    path, _ = image
+    shadow = {r[0]: r for r in (line.split(":") for line in cat(path, "etc/shadow").splitlines())}
+    if "alice" not in shadow:
+        pytest.skip("the shipped target declares no users")
+    # name, password, last change (0: change at next login), min, max, warn, inactive, expire, reserved
+    assert shadow["alice"] == ["alice", "", "0", "0", "99999", "7", "", "", ""]
+    assert shadow["bob"] == ["bob", "$6$saltsalt$hashhashhash", "0", "0", "99999", "7", "", "", ""]
+    assert shadow["carol"] == ["carol", "$6$saltsalt$hashhashhash", "", "0", "99999", "7", "", "", ""]
 
 
 def test_image_has_no_build_leftovers(image):
