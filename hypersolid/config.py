@@ -286,6 +286,7 @@ SECTION = Record(
     suite=Field(Str(r"[a-z0-9.\-/]+", "a suite name")),
     components=Field(ListOf(Str(r"[a-z0-9\-/]+", "a component name")), ["main"]),
     source=Field(URL),
+    recommends=Field(Bool(), False),
 )
 USER = Record(
     name=Field(NAME, required=True),
@@ -446,6 +447,7 @@ class Section:
     suite: str
     components: tuple[str, ...]
     source: str
+    recommends: bool = False  # multistrap's allowrecommends (bootstrap)
 
     def packages_for(self, arch: str) -> tuple[str, ...]:
         extra = dict(self.arch_packages).get(arch, ())
@@ -752,7 +754,7 @@ def _load_target(targets_dir: Path, name: str) -> Target:
         Section(name=s["name"], packages=tuple(s["packages"]),
                 arch_packages=tuple(sorted((a, tuple(p)) for a, p in s["arch_packages"].items())),
                 suite=s["suite"] or v["suite"], components=tuple(s["components"]),
-                source=s["source"] or v["mirror"])
+                source=s["source"] or v["mirror"], recommends=s["recommends"])
         for s in v["sections"])
     if v["image_sources"] == "none":
         image_sources = ()

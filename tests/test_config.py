@@ -543,6 +543,17 @@ BAD = [
             mirror: http://deb.debian.org/debian
             sections:
               - name: debian
+                recommends: "yes"
+            """},
+        "t", "t", "sections[0].recommends", 6, "expected true or false",
+        id="recommends-not-a-bool"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
             users:
               - name: alice
                 password: ""
@@ -1215,3 +1226,24 @@ def test_empty_password_with_first_login_change_and_across_layers(root):
     assert (users["alice"].password, users["alice"].password_change_on_first_login) == ("", True)
     assert (users["bob"].password, users["bob"].password_change_on_first_login) == ("$6$salt$hashhashhash", True)
     assert (users["carol"].password, users["carol"].password_change_on_first_login) == (None, False)
+
+
+def test_recommends_defaults_to_false_and_merges_by_section(root):
+    write(root, "base", """\
+        abstract: true
+        sections:
+          - name: debian
+            recommends: true
+          - name: extra
+        """)
+    write(root, "t", """\
+        extends: [base]
+        architectures: [amd64]
+        suite: bookworm
+        mirror: http://deb.debian.org/debian
+        sections:
+          - name: debian
+            packages: [procps]
+        """)
+    sections = {s.name: s for s in Project(root).load("t").sections}
+    assert sections["debian"].recommends is True and sections["extra"].recommends is False
