@@ -99,6 +99,24 @@ def test_image_has_no_build_leftovers(image):
     assert not [e for e in apt_conf if "Proxy" in cat(path, e.lstrip("/"))]
 
 
+def test_image_apt_has_only_its_image_sources_and_no_proxy(image):
+    """No build mirror list (multistrap-*.list), no proxy (apt_proxy or the
+    build's caching proxy on 127.0.0.1) anywhere in /etc/apt."""
+    path, entries = image
+    assert [e for e in entries if e.startswith("/etc/apt/sources.list")] == [
+        "/etc/apt/sources.list.d", "/etc/apt/sources.list.d/hypersolid.sources"]
+    text = cat(path, "etc/apt/sources.list.d/hypersolid.sources")
+    assert "Types: deb\nURIs: http" in text
+    assert "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" in text
+    assert "/usr/share/keyrings/debian-archive-keyring.gpg" in entries
+    files = [e for e in entries if e.startswith("/etc/apt/") and entries[e].startswith("-")
+             and not e.endswith((".gpg", ".asc"))]
+    leaks = [(e, word) for e in files for word in ("proxy", "127.0.0.1", "localhost", "multistrap")
+             if word in cat(path, e.lstrip("/")).lower()]
+    assert leaks == []
+    assert not [e for e in entries if e.startswith("/etc/apt/trusted.gpg.d/") and e.endswith(".gpg")]
+
+
 def test_image_ships_the_pstorage_command(image):
     path, entries = image
     assert entries["/usr/sbin/pstorage"].startswith("-rwxr-xr-x 0/0")
