@@ -80,7 +80,11 @@ def _apply(tree: intree.Root, users: tuple[User, ...], root_password: str | None
         gid = uid if uid not in group.ids(2) else _free_id(group.ids(2))
         home = f"/home/{user.name}"
         passwd.rows.append([user.name, "x", str(uid), str(gid), "", home, user.shell])
-        shadow.rows.append([user.name, user.password or "!", "", "0", "99999", "7", "", "", ""])
+        # Last change 0: the password must be changed at the first login
+        # (login/pam_unix ask for a new one before the shell starts).
+        lastchg = "0" if user.password_change_on_first_login else ""
+        password = "!" if user.password is None else user.password
+        shadow.rows.append([user.name, password, lastchg, "0", "99999", "7", "", "", ""])
         group.rows.append([user.name, "x", str(gid), ""])
         gshadow.rows.append([user.name, "!", "", ""])
         for g in wanted:

@@ -269,9 +269,12 @@ CRYPT_HASH = (rf"\$y\${_B64}+\${_B64}+\${_B64}+"
               rf"|\$[56]\$(rounds=[0-9]{{1,9}}\$)?{_B64}+\${_B64}+"
               rf"|\$2b\$[0-9]{{2}}\${_B64}+"
               rf"|\$1\${_B64}*\${_B64}+")
-CRYPT = Str(rf"!?({CRYPT_HASH})|!|\*",
-            "a crypt(3) hash ($y$, $6$, $5$, $2b$ or $1$ and only the characters [./0-9A-Za-z] "
-            "between the $ fields; make one with `mkpasswd -m sha-512`), '!' or '*' (locked)")
+_CRYPT_HINT = ("a crypt(3) hash ($y$, $6$, $5$, $2b$ or $1$ and only the characters [./0-9A-Za-z] "
+               "between the $ fields; make one with `mkpasswd -m sha-512`), '!' or '*' (locked)")
+CRYPT = Str(rf"!?({CRYPT_HASH})|!|\*", _CRYPT_HINT)
+# A user's password may also be "" (empty, not locked), but only with
+# password_change_on_first_login: true (checked after merging, _check_users).
+USER_PASSWORD = Str(rf"|!?({CRYPT_HASH})|!|\*", _CRYPT_HINT + ', or "" with password_change_on_first_login: true')
 URL = Str(r"(https?|file)://\S+", "an http(s):// or file:// URL")
 NAME = Str(r"[a-z_][a-z0-9_-]*", "a user/group name")
 UNIT = Str(r"[A-Za-z0-9@_.:\\-]+", "a systemd unit name")
@@ -283,14 +286,66 @@ SECTION = Record(
     suite=Field(Str(r"[a-z0-9.\-/]+", "a suite name")),
     components=Field(ListOf(Str(r"[a-z0-9\-/]+", "a component name")), ["main"]),
     source=Field(URL),
+    recommends=Field(Bool(), False),
 )
 USER = Record(
     name=Field(NAME, required=True),
     groups=Field(ListOf(NAME), [], "union"),
     sudo=Field(Bool(), False),
-    password=Field(Optional(CRYPT)),
+    password=Field(Optional(USER_PASSWORD)),
+    password_change_on_first_login=Field(Bool(), False),
     shell=Field(Str(r"/[^\s:]+", "an absolute path without ':' or spaces"), "/bin/bash"),
 )
+SUITE_OR_PATH = Str(r"[A-Za-z0-9.\-_/]+", "a suite name (or an exact path ending in /)")
+COMPONENT = Str(r"[a-z0-9\-/]+", "a component name")
+
+
+class AptSourceEntry(Record):
+    """One deb822 entry of image_sources: URIs, Suites, Components, Signed-By."""
+
+    def check(self, file, node, key):
+        out = super().check(file, node, key)
+        lines = {name: (knode, vnode) for knode, name, vnode in _pairs(file, node, key)}
+        for name in ("uris", "suites"):
+            if not out[name]:
+                _fail(file, lines[name][1], _join(key, name), "needs at least one entry")
+        exact = [s for s in out["suites"] if s.endswith("/")]
+        components = out.get("components", ["main"])
+        if exact and len(exact) != len(out["suites"]):
+            _fail(file, lines["suites"][1], _join(key, "suites"),
+                  "mixes exact paths (ending in /) and suite names; give them as separate entries")
+        if exact and components:
+            _fail(file, lines.get("components", lines["suites"])[1], _join(key, "components"),
+                  f"an exact path suite ({exact[0]}) takes no components: give components: []")
+        if not exact and not components:
+            _fail(file, lines["components"][1], _join(key, "components"),
+                  "needs at least one component (or an exact path suite ending in /)")
+        return out
+
+
+APT_SOURCE = AptSourceEntry(
+    uris=Field(ListOf(URL, single_ok=True), required=True),
+    suites=Field(ListOf(SUITE_OR_PATH, single_ok=True), required=True),
+    components=Field(ListOf(COMPONENT, single_ok=True), ["main"]),
+    signed_by=Field(Optional(Str(r"/[^\s]+", "an absolute path of a keyring in the image"))),
+)
+
+
+class ImageSources:
+    """`image_sources:` the deb822 entries the image's apt gets, or `none`
+    (null: the default, the target's mirror and security mirror)."""
+
+    def check(self, file, node, key):
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+            return None
+        if isinstance(node, yaml.ScalarNode):
+            value = _scalar(file, node, key, "str", "a list of sources or none")
+            if value != "none":
+                _fail(file, node, key, f"expected a list of sources or none, got {_short(value)}")
+            return "none"
+        return [_with_defaults(APT_SOURCE, e) for e in ListOf(APT_SOURCE).check(file, node, key)]
+
+
 SETTINGS = Record(
     extends=Field(ListOf(Str(r"(?!\.\.?$)[A-Za-z0-9_.\-]+", "a target name"), single_ok=True), [], "own"),
     abstract=Field(Bool(), False, "own"),
@@ -300,6 +355,7 @@ SETTINGS = Record(
     mirror=Field(URL),
     security_mirror=Field(Optional(URL)),
     apt_proxy=Field(Optional(URL)),
+    image_sources=Field(ImageSources()),
     sections=Field(NamedList(SECTION), [], "by_name"),
     hostname=Field(Str(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", "a host name"), "hypersolid"),
     locale=Field(Str(r"[A-Za-z0-9_.@\-]+", "a locale name such as en_US.UTF-8"), "C.UTF-8"),
@@ -391,6 +447,7 @@ class Section:
     suite: str
     components: tuple[str, ...]
     source: str
+    recommends: bool = False  # multistrap's allowrecommends (bootstrap)
 
     def packages_for(self, arch: str) -> tuple[str, ...]:
         extra = dict(self.arch_packages).get(arch, ())
@@ -402,8 +459,33 @@ class User:
     name: str
     groups: tuple[str, ...]
     sudo: bool
-    password: str | None
+    password: str | None  # None: locked; "": empty (only with password_change_on_first_login)
     shell: str
+    password_change_on_first_login: bool = False  # shadow's last change 0
+
+
+DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+
+
+@dataclass(frozen=True)
+class AptSource:
+    """One deb822 entry of the image's /etc/apt/sources.list.d."""
+    uris: tuple[str, ...]
+    suites: tuple[str, ...]
+    components: tuple[str, ...]
+    signed_by: str | None = None
+    signed_by_if_present: bool = False  # the default entries: Signed-By only if the image has that keyring
+
+
+def default_image_sources(mirror: str, suite: str, security_mirror: str | None,
+                          sections: tuple[Section, ...]) -> tuple[AptSource, ...]:
+    """The target's mirror with its suite and the components of the sections
+    on that mirror, plus the security mirror's <suite>-security."""
+    components = tuple(dict.fromkeys(c for s in sections if s.source == mirror for c in s.components)) or ("main",)
+    out = [AptSource((mirror,), (suite,), components, DEBIAN_KEYRING, True)]
+    if security_mirror:
+        out.append(AptSource((security_mirror,), (f"{suite}-security",), components, DEBIAN_KEYRING, True))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -418,6 +500,7 @@ class Target:
     mirror: str
     security_mirror: str | None
     apt_proxy: str | None
+    image_sources: tuple[AptSource, ...]  # empty: `none`
     sections: tuple[Section, ...]
     hostname: str
     locale: str
@@ -666,6 +749,21 @@ def _load_target(targets_dir: Path, name: str) -> Target:
                 raise ConfigError(file, 1, key, "required to build this target, but neither it nor "
                                   f"the targets it extends ({', '.join(order[:-1]) or 'none'}) set it "
                                   "(mark it `abstract: true` if it is only a base)")
+    _check_users(targets_dir, order, v["users"])
+    sections = tuple(
+        Section(name=s["name"], packages=tuple(s["packages"]),
+                arch_packages=tuple(sorted((a, tuple(p)) for a, p in s["arch_packages"].items())),
+                suite=s["suite"] or v["suite"], components=tuple(s["components"]),
+                source=s["source"] or v["mirror"], recommends=s["recommends"])
+        for s in v["sections"])
+    if v["image_sources"] == "none":
+        image_sources = ()
+    elif v["image_sources"] is None:
+        image_sources = default_image_sources(v["mirror"] or "", v["suite"] or "", v["security_mirror"], sections)
+    else:
+        image_sources = tuple(AptSource(uris=tuple(e["uris"]), suites=tuple(e["suites"]),
+                                        components=tuple(e["components"]), signed_by=e["signed_by"])
+                              for e in v["image_sources"])
     return Target(
         name=name, file=file,
         layers=tuple(targets_dir / n for n in order),
@@ -673,15 +771,12 @@ def _load_target(targets_dir: Path, name: str) -> Target:
         architectures=tuple(dict.fromkeys(v["architectures"] or ())),
         suite=v["suite"] or "", mirror=v["mirror"] or "",
         security_mirror=v["security_mirror"], apt_proxy=v["apt_proxy"],
-        sections=tuple(
-            Section(name=s["name"], packages=tuple(s["packages"]),
-                    arch_packages=tuple(sorted((a, tuple(p)) for a, p in s["arch_packages"].items())),
-                    suite=s["suite"] or v["suite"], components=tuple(s["components"]),
-                    source=s["source"] or v["mirror"])
-            for s in v["sections"]),
+        image_sources=image_sources, sections=sections,
         hostname=v["hostname"], locale=v["locale"], timezone=v["timezone"],
         users=tuple(User(name=u["name"], groups=tuple(u["groups"]), sudo=u["sudo"],
-                         password=u["password"], shell=u["shell"]) for u in v["users"]),
+                         password=u["password"], shell=u["shell"],
+                         password_change_on_first_login=u["password_change_on_first_login"])
+                    for u in v["users"]),
         root_password=v["root_password"],
         services_enable=tuple(v["services"]["enable"]),
         services_disable=tuple(v["services"]["disable"]),
@@ -697,6 +792,47 @@ def _load_target(targets_dir: Path, name: str) -> Target:
         rpi_consoles=tuple(v["raspberrypi"]["consoles"]),
         rpi_config_txt=tuple(v["raspberrypi"]["config_txt"]),
     )
+
+
+def _locked(password: str | None) -> bool:
+    return password is None or password == "*" or password.startswith("!")
+
+
+def _check_users(targets_dir: Path, order: list[str], users: list[dict]) -> None:
+    """Password rules that span layers (a password in one target, the
+    first-login change in another): the error names the layer and key that
+    made the merged user wrong."""
+    for user in users:
+        wrong = None
+        if user["password"] == "" and not user["password_change_on_first_login"]:
+            wrong = ("password", 'an empty password needs password_change_on_first_login: true '
+                     "(or give a crypt hash; absent: locked)")
+        elif user["password_change_on_first_login"] and _locked(user["password"]):
+            shown = "absent (locked)" if user["password"] is None else repr(user["password"])
+            wrong = ("password_change_on_first_login",
+                     f"the account is locked (password {shown}): a locked account cannot log in to "
+                     'change it; give password: "" (empty) or a crypt hash')
+        if wrong is None:
+            continue
+        keys = ("password", "password_change_on_first_login")
+        for layer in reversed(order):  # the last layer that set either key made it so
+            file = _target_file(targets_dir, layer)
+            values, _ = _read_layer(file)
+            for i, item in enumerate(values.get("users", [])):
+                if item["name"] == user["name"] and any(k in item for k in keys):
+                    key = wrong[0] if wrong[0] in item else next(k for k in keys if k in item)
+                    raise ConfigError(file, _user_key_line(file, i, key), f"users[{i}].{key}", wrong[1])
+
+
+def _user_key_line(file: Path, index: int, key: str) -> int:
+    """The line of users[index].key in a file (only on the error path)."""
+    node = _compose(file, _read_text(file))
+    for _, name, vnode in _pairs(file, node, ""):
+        if name == "users":
+            for knode, kname, _ in _pairs(file, vnode.value[index], "users"):
+                if kname == key:
+                    return knode.start_mark.line + 1
+    return 1
 
 
 def clear_caches() -> None:

@@ -70,8 +70,9 @@ def rows(tree: Path, name: str) -> dict[str, list[str]]:
     return {line.split(":")[0]: line.split(":") for line in (tree / "etc" / name).read_text().splitlines()}
 
 
-def user(name="alice", groups=(), sudo=False, password=HASH, shell="/bin/bash") -> User:
-    return User(name=name, groups=tuple(groups), sudo=sudo, password=password, shell=shell)
+def user(name="alice", groups=(), sudo=False, password=HASH, shell="/bin/bash", change=False) -> User:
+    return User(name=name, groups=tuple(groups), sudo=sudo, password=password, shell=shell,
+                password_change_on_first_login=change)
 
 
 def test_root_locked_without_a_hash(tree):
@@ -106,6 +107,24 @@ def test_user_gets_uid_1000_own_group_and_shadow_hash(tree):
 def test_user_without_password_is_locked(tree):
     apply(tree, (user(password=None),), None)
     assert rows(tree, "shadow")["alice"][1] == "!"
+
+
+def test_shadow_fields_of_a_user_without_first_login_change(tree):
+    apply(tree, (user(),), None)
+    # name, hash, last change (empty: no aging), min 0, max 99999, warn 7, inactive, expire, reserved
+    assert rows(tree, "shadow")["alice"] == ["alice", HASH, "", "0", "99999", "7", "", "", ""]
+
+
+def test_empty_password_changed_at_first_login_has_last_change_0(tree):
+    apply(tree, (user(password="", change=True),), None)
+    assert rows(tree, "shadow")["alice"] == ["alice", "", "0", "0", "99999", "7", "", "", ""]
+
+
+def test_hash_changed_at_first_login_keeps_the_hash_with_last_change_0(tree):
+    apply(tree, (user(change=True), user(name="bob")), None)
+    shadow = rows(tree, "shadow")
+    assert shadow["alice"] == ["alice", HASH, "0", "0", "99999", "7", "", "", ""]
+    assert shadow["bob"][2] == ""
 
 
 def test_home_is_copied_from_skel_owned_by_the_user_mode_0700(tree):

@@ -472,6 +472,156 @@ BAD = [
             """},
         "t", "base", "image", 3, "unknown image type 'iso'",
         id="error-in-extended-target-names-its-file"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            image_sources: default
+            """},
+        "t", "t", "image_sources", 6, "expected a list of sources or none, got 'default'",
+        id="image-sources-not-a-list-or-none"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            image_sources:
+              - uris: [http://deb.debian.org/debian]
+                suite: bookworm
+            """},
+        "t", "t", "image_sources[0].suite", 8, "unknown key (allowed here: components, signed_by, suites, uris)",
+        id="image-sources-unknown-key"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            image_sources:
+              - uris: [http://deb.debian.org/debian]
+            """},
+        "t", "t", "image_sources[0].suites", 7, "required key is missing",
+        id="image-sources-without-suites"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            image_sources:
+              - uris: [http://apt.example/flat]
+                suites: [./]
+                components: [main]
+            """},
+        "t", "t", "image_sources[0].components", 9, "an exact path suite (./) takes no components",
+        id="image-sources-flat-suite-with-components"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            image_sources:
+              - uris: [http://deb.debian.org/debian]
+                suites: [bookworm]
+                signed_by: debian.gpg
+            """},
+        "t", "t", "image_sources[0].signed_by", 9, "is not an absolute path of a keyring in the image",
+        id="image-sources-relative-signed-by"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+                recommends: "yes"
+            """},
+        "t", "t", "sections[0].recommends", 6, "expected true or false",
+        id="recommends-not-a-bool"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            users:
+              - name: alice
+                password: ""
+            """},
+        "t", "t", "users[0].password", 8, "an empty password needs password_change_on_first_login: true",
+        id="empty-password-without-first-login-change"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            users:
+              - name: alice
+                groups: [adm]
+                password_change_on_first_login: true
+            """},
+        "t", "t", "users[0].password_change_on_first_login", 9,
+        "the account is locked (password absent (locked)): a locked account cannot",
+        id="first-login-change-of-a-locked-account"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            users:
+              - name: alice
+                password: "!$6$salt$hashhashhash"
+                password_change_on_first_login: true
+            """},
+        "t", "t", "users[0].password_change_on_first_login", 9, "the account is locked (password '!$6$salt",
+        id="first-login-change-of-a-locked-hash"),
+    pytest.param(
+        {"base": """\
+            abstract: true
+            users:
+              - name: bob
+              - name: alice
+                password: ""
+                password_change_on_first_login: true
+            """,
+         "t": """\
+            extends: [base]
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            users:
+              - name: alice
+                password: '*'
+            """},
+        "t", "t", "users[0].password", 9, "the account is locked (password '*')",
+        id="first-login-change-locked-by-a-later-layer-names-that-layer"),
+    pytest.param(
+        {"t": """\
+            architectures: [amd64]
+            suite: bookworm
+            mirror: http://deb.debian.org/debian
+            sections:
+              - name: debian
+            root_password: ""
+            """},
+        "t", "t", "root_password", 6, "'' is not a crypt(3) hash",
+        id="empty-root-password"),
 ]
 
 
@@ -1048,3 +1198,52 @@ def test_duplicate_section_name_in_a_later_layer_is_rejected_too(root):
     with pytest.raises(ConfigError) as err:
         Project(root).load("t")
     assert (err.value.line, err.value.key) == (6, "sections[1].name")
+
+
+def test_empty_password_with_first_login_change_and_across_layers(root):
+    write(root, "base", """\
+        abstract: true
+        users:
+          - name: alice
+            password: ""
+          - name: bob
+            password: '$6$salt$hashhashhash'
+            password_change_on_first_login: true
+        """)
+    write(root, "t", """\
+        extends: [base]
+        architectures: [amd64]
+        suite: bookworm
+        mirror: http://deb.debian.org/debian
+        sections:
+          - name: debian
+        users:
+          - name: alice
+            password_change_on_first_login: true
+          - name: carol
+        """)
+    users = {u.name: u for u in Project(root).load("t").users}
+    assert (users["alice"].password, users["alice"].password_change_on_first_login) == ("", True)
+    assert (users["bob"].password, users["bob"].password_change_on_first_login) == ("$6$salt$hashhashhash", True)
+    assert (users["carol"].password, users["carol"].password_change_on_first_login) == (None, False)
+
+
+def test_recommends_defaults_to_false_and_merges_by_section(root):
+    write(root, "base", """\
+        abstract: true
+        sections:
+          - name: debian
+            recommends: true
+          - name: extra
+        """)
+    write(root, "t", """\
+        extends: [base]
+        architectures: [amd64]
+        suite: bookworm
+        mirror: http://deb.debian.org/debian
+        sections:
+          - name: debian
+            packages: [procps]
+        """)
+    sections = {s.name: s for s in Project(root).load("t").sections}
+    assert sections["debian"].recommends is True and sections["extra"].recommends is False

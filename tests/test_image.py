@@ -30,6 +30,15 @@ def image(request, tmp_path_factory, shared_cache):
     subprocess.run(["cp", "-a", f"{REPO}/rootfs/.", str(p.root / "rootfs")], check=True)
     p.target("sshbox", tiny_target(packages="openssh-server", extra="""\
         services: {enable: [ssh, hypersolid-firstboot]}
+        users:
+          - name: alice
+            password: ""
+            password_change_on_first_login: true
+          - name: bob
+            password: '$6$saltsalt$hashhashhash'
+            password_change_on_first_login: true
+          - name: carol
+            password: '$6$saltsalt$hashhashhash'
         """))
     p.write("targets/sshbox/hooks/post-configure.d/10-noop", "#!/bin/sh\ntrue\n", mode=0o755)
     p.doit("squashfs:sshbox")
@@ -64,6 +73,17 @@ def test_root_is_locked_without_a_password_hash(image):
     assert len(root) == 1 and root[0][1] in ("*", "!", "!*")
 
 
+def test_shadow_fields_of_users_who_change_the_password_at_first_login(image):
+    path, _ = image
+    shadow = {r[0]: r for r in (line.split(":") for line in cat(path, "etc/shadow").splitlines())}
+    if "alice" not in shadow:
+        pytest.skip("the shipped target declares no users")
+    # name, password, last change (0: change at next login), min, max, warn, inactive, expire, reserved
+    assert shadow["alice"] == ["alice", "", "0", "0", "99999", "7", "", "", ""]
+    assert shadow["bob"] == ["bob", "$6$saltsalt$hashhashhash", "0", "0", "99999", "7", "", "", ""]
+    assert shadow["carol"] == ["carol", "$6$saltsalt$hashhashhash", "", "0", "99999", "7", "", "", ""]
+
+
 def test_image_has_no_build_leftovers(image):
     path, entries = image
     stamp = {"/.hypersolid", "/.hypersolid/build", "/.hypersolid/issue", "/.hypersolid/motd"}  # the build id
@@ -77,6 +97,24 @@ def test_image_has_no_build_leftovers(image):
         assert "/usr/sbin/update-initramfs" in entries  # the diversion was undone
     apt_conf = [e for e in entries if e.startswith("/etc/apt/apt.conf.d/")]
     assert not [e for e in apt_conf if "Proxy" in cat(path, e.lstrip("/"))]
+
+
+def test_image_apt_has_only_its_image_sources_and_no_proxy(image):
+    """No build mirror list (multistrap-*.list), no proxy (apt_proxy or the
+    build's caching proxy on 127.0.0.1) anywhere in /etc/apt."""
+    path, entries = image
+    assert [e for e in entries if e.startswith("/etc/apt/sources.list")] == [
+        "/etc/apt/sources.list.d", "/etc/apt/sources.list.d/hypersolid.sources"]
+    text = cat(path, "etc/apt/sources.list.d/hypersolid.sources")
+    assert "Types: deb\nURIs: http" in text
+    assert "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" in text
+    assert "/usr/share/keyrings/debian-archive-keyring.gpg" in entries
+    files = [e for e in entries if e.startswith("/etc/apt/") and entries[e].startswith("-")
+             and not e.endswith((".gpg", ".asc"))]
+    leaks = [(e, word) for e in files for word in ("proxy", "127.0.0.1", "localhost", "multistrap")
+             if word in cat(path, e.lstrip("/")).lower()]
+    assert leaks == []
+    assert not [e for e in entries if e.startswith("/etc/apt/trusted.gpg.d/") and e.endswith(".gpg")]
 
 
 def test_image_ships_the_pstorage_command(image):

@@ -58,6 +58,7 @@ def test_general_section(tmp_path):
     assert general["cleanup"] == "true"
     assert general["unpack"] == "true"
     assert general["noauth"] == "false"
+    assert general["allowrecommends"] == "false"  # multistrap's default too: only Depends
 
 
 def test_every_section_is_an_apt_source_and_bootstrapped_including_security(tmp_path):
@@ -170,3 +171,17 @@ def test_section_named_security_does_not_duplicate_the_security_section(tmp_path
     ini = parse(text)  # strict: a duplicate section raises DuplicateSectionError
     names = ini["General"]["aptsources"].split()
     assert len(names) == len(set(names)), names
+
+
+def test_a_section_with_recommends_allows_recommends_for_the_bootstrap(tmp_path):
+    """multistrap resolves all sections in one apt run and reads
+    allowrecommends from [General] only: one section asking is enough."""
+    text = TARGET.replace("        packages: [vendor-tools]\n", "        packages: [vendor-tools]\n        recommends: true\n")
+    ini = ini_for(load(tmp_path, text), "amd64")
+    assert ini["General"]["allowrecommends"] == "true"
+    assert not any("allowrecommends" in ini[name] for name in ("debian", "vendor", "security"))
+
+
+def test_recommends_false_given_explicitly_is_the_default(tmp_path):
+    text = TARGET.replace("        packages: [vendor-tools]\n", "        packages: [vendor-tools]\n        recommends: false\n")
+    assert ini_for(load(tmp_path, text), "amd64")["General"]["allowrecommends"] == "false"

@@ -24,12 +24,13 @@ def sections_for(target: Target, arch: str) -> list[dict]:
     """The target's sections for one architecture, plus the security archive
     (unless the target defines a section named `security` itself)."""
     out = [{"name": s.name, "packages": list(s.packages_for(arch)), "suite": s.suite,
-            "components": list(s.components), "source": s.source} for s in target.sections]
+            "components": list(s.components), "source": s.source, "recommends": s.recommends}
+           for s in target.sections]
     if target.security_mirror and not any(s.name == "security" for s in target.sections):
         components = list(dict.fromkeys(c for s in target.sections if s.source == target.mirror
                                         for c in s.components)) or ["main"]
         out.append({"name": "security", "packages": [], "suite": f"{target.suite}-security",
-                    "components": components, "source": target.security_mirror})
+                    "components": components, "source": target.security_mirror, "recommends": False})
     return out
 
 
@@ -40,10 +41,15 @@ def source_urls(target: Target, arch: str) -> list[str]:
 
 def multistrap_ini(arch: str, directory: Path, sections: list[dict]) -> str:
     """multistrap's configuration.  Native configuration is switched off
-    (ignorenativearch): configuring is the configure stage's job."""
+    (ignorenativearch): configuring is the configure stage's job.
+
+    Recommends: multistrap resolves every section in one apt run, and
+    allowrecommends is a [General] option, so a section with recommends:
+    true allows Recommends for the whole package set."""
     names = " ".join(s["name"] for s in sections)
+    recommends = "true" if any(s.get("recommends") for s in sections) else "false"
     lines = ["[General]", f"arch={arch}", f"directory={directory}", "cleanup=true",
-             "noauth=false", "unpack=true", "ignorenativearch=true",
+             "noauth=false", "unpack=true", "ignorenativearch=true", f"allowrecommends={recommends}",
              f"aptsources={names}", f"bootstrap={names}", ""]
     for i, s in enumerate(sections):
         # The keyring once: multistrap deletes the downloaded keyring package

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import accounts, hooks, intree
+from .. import accounts, aptsources, hooks, intree
 from ..dpkg import host_version, write_package_manifest
 from ..mounts import release_view, writable_view
 from ..run import Log, run
@@ -64,12 +64,12 @@ def mksquashfs_args(compression: str, level: int | None) -> list[str]:
 @register
 class Squashfs(Stage):
     name = "squashfs"
-    helpers = ("hypersolid.accounts", "hypersolid.container", "hypersolid.dpkg",
+    helpers = ("hypersolid.accounts", "hypersolid.aptsources", "hypersolid.container", "hypersolid.dpkg",
                "hypersolid.hooks", "hypersolid.intree", "hypersolid.mounts")
     upstream = ("configure", "rootfs")
     doc = "system image: configured tree + overlay + users/services/hooks, packed by mksquashfs"
     reads = ("hostname", "timezone", "users", "root_password", "services_enable", "services_disable",
-             "compression", "compression_level")
+             "compression", "compression_level", "image_sources")
     uses = ("hook_timeout",)
     isolated = True  # the overlay over the configured tree
 
@@ -91,6 +91,14 @@ class Squashfs(Stage):
             for pattern in LEFTOVERS:
                 for gone in root.remove_matching(pattern):
                     log.note(f"# removed /{gone}")
+            # After the hooks: the image's apt sources are exactly image_sources.
+            try:
+                for gone in aptsources.install(root, unit.target.image_sources):
+                    log.note(f"# removed /{gone}")
+            except aptsources.SourcesError as err:
+                raise log.fail(str(err)) from None
+            log.note(f"# /{aptsources.SOURCES_FILE}:\n" + aptsources.deb822(
+                unit.target.image_sources, lambda p: root.exists(p.lstrip("/"))))
             root.makedirs("boot")
             root.write_text("etc/machine-id", "", mode=0o444)
             for link, dest in BUILD_ID_LINKS.items():
