@@ -248,23 +248,9 @@ class Root:
 
     # -- queries ----------------------------------------------------------
 
-    def lstat(self, rel: str) -> os.stat_result | None:
-        """The entry itself (last link not followed); None if missing."""
+    def _stat(self, rel: str, follow: bool) -> os.stat_result | None:
         try:
-            fd, name, _ = self._locate(rel, follow=False, create=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        try:
-            return os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        finally:
-            os.close(fd)
-
-    def stat(self, rel: str) -> os.stat_result | None:
-        """What rel resolves to in the tree; None if missing or dangling."""
-        try:
-            fd, name, _ = self._locate(rel, follow=True, create=False)
+            fd, name, _ = self._locate(rel, follow=follow, create=False)
         except _IsRoot:
             return os.stat(self.fd)
         except (FileNotFoundError, NotADirectoryError):
@@ -275,6 +261,14 @@ class Root:
             return None
         finally:
             os.close(fd)
+
+    def lstat(self, rel: str) -> os.stat_result | None:
+        """The entry itself (last link not followed); None if missing."""
+        return self._stat(rel, follow=False)
+
+    def stat(self, rel: str) -> os.stat_result | None:
+        """What rel resolves to in the tree; None if missing or dangling."""
+        return self._stat(rel, follow=True)
 
     def exists(self, rel: str) -> bool:
         return self.stat(rel) is not None
