@@ -189,11 +189,9 @@ def run(argv: Sequence[str], log: Log, *, env: Mapping[str, str] | None = None,
     terminal = console == "terminal"
     with open(log.path, "ab") as out:
         try:
-            proc = spawn(argv, contain=contain, own_group=not terminal, env={**BASE_ENV, **(env or {})}
-                         if not terminal else None, cwd=cwd,
-                         stdin=None if terminal else subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                         stdout=None if terminal else subprocess.PIPE if capture or console == "tee" else out,
-                         stderr=None if terminal else subprocess.STDOUT if console == "tee" else out)
+            proc = spawn(argv, contain=contain, own_group=not terminal, cwd=cwd,
+                         env=None if terminal else {**BASE_ENV, **(env or {})},
+                         **_streams(console, capture, input is not None, out))
         except FileNotFoundError:
             raise log.fail(f"{argv[0]} is not installed (see README: setup)", argv) from None
         try:
@@ -222,6 +220,15 @@ def run(argv: Sequence[str], log: Log, *, env: Mapping[str, str] | None = None,
     if check and proc.returncode != 0:
         raise log.fail(f"command exited with status {proc.returncode}", argv)
     return subprocess.CompletedProcess(argv, proc.returncode, stdout or b"")
+
+
+def _streams(console: str, capture: bool, has_input: bool, out) -> dict:
+    """Popen's stdin, stdout and stderr for run()'s console modes."""
+    if console == "terminal":
+        return {}  # the caller's terminal, and its environment
+    return {"stdin": subprocess.PIPE if has_input else subprocess.DEVNULL,
+            "stdout": subprocess.PIPE if capture or console == "tee" else out,
+            "stderr": subprocess.STDOUT if console == "tee" else out}
 
 
 def _exists(program: str, env: Mapping[str, str] | None) -> bool:
