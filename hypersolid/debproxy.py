@@ -34,7 +34,6 @@ import json
 import lzma
 import os
 import re
-import secrets
 import shutil
 import socket
 import sys
@@ -45,8 +44,9 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import unquote, urlsplit
 
+from .cache import sweep_leftovers, temp_name
+
 SEGMENT = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9._~+:@=,-]*")
-TEMP = re.compile(r"\..+\.tmp-(\d+)-[0-9a-f]+")
 STANZA = re.compile(rb"^Filename: *(\S+)\n(?:[^\n]+\n)*?Size: *(\d+)\n(?:[^\n]+\n)*?SHA256: *([0-9a-fA-F]{64})$",
                     re.M)
 RELEASE_SHA256 = re.compile(rb"^ ([0-9a-fA-F]{64}) +\d+ +(\S+)$", re.M)
@@ -91,20 +91,6 @@ def _netloc(parts) -> str:
     host = (parts.hostname or "").lower()
     port = parts.port  # ValueError for a bad port: the caller refuses
     return host if port in (None, 80) else f"{host}:{port}"
-
-
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def describe_error(err: BaseException, timeout: float) -> str:
@@ -260,18 +246,8 @@ class DebProxy:
         """Remove temp files of writers that are gone (killed, or ENOSPC
         before the cleanup ran)."""
         removed = []
-        if not self.store.is_dir():
-            return removed
-        for dirpath, _dirs, files in os.walk(self.store):
-            for name in files:
-                m = TEMP.fullmatch(name)
-                if m and not _pid_alive(int(m.group(1))):
-                    path = Path(dirpath) / name
-                    try:
-                        path.unlink()
-                        removed.append(path)
-                    except OSError:
-                        pass
+        for dirpath, _dirs, _files in os.walk(self.store):
+            removed += sweep_leftovers(Path(dirpath))
         if removed:
             self._note(f"# deb proxy: removed {len(removed)} temp file(s) of dead writers from {self.store}")
         return removed
@@ -295,7 +271,7 @@ class DebProxy:
             merged = {}
         merged.update(self._verified)
         merged = {rel: v for rel, v in merged.items() if (self.store / rel).is_file()}  # 3 us a file
-        tmp = _temp_name(path)
+        tmp = temp_name(path)
         try:
             tmp.write_text(json.dumps(merged, separators=(",", ":")))
             os.replace(tmp, path)
@@ -449,7 +425,7 @@ class DebProxy:
     def _store(self, path: Path, rel: str, body: bytes, sha: str) -> None:
         """Store body atomically; on failure (full disk) note it and go on:
         the caller passes the bytes to apt anyway."""
-        tmp = _temp_name(path)
+        tmp = temp_name(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "xb") as f:
