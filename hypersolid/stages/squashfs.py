@@ -8,7 +8,6 @@ copied, not modified.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .. import accounts, aptsources, hooks, intree
