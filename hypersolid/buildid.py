@@ -41,17 +41,20 @@ def stamp_files(build: str, target: str, arch: str) -> dict[str, str]:
     return {"build": build + "\n", "issue": line + "\n\n", "motd": line + "\n"}
 
 
-def stamp_image(image: Path, build: str, target: str, arch: str, log: Log) -> None:
-    """Append /.hypersolid/ to a squashfs image (a copy, never a cache entry)."""
+def stamp_image(image: Path, build: str, target: str, arch: str, log: Log, env: dict[str, str]) -> None:
+    """Append /.hypersolid/ to a squashfs image (a copy, never a cache entry).
+    env carries SOURCE_DATE_EPOCH: the superblock's time and the stamp files'
+    mtimes are set from it, not from the clock."""
     src = image.parent / f".stamp-{arch}-{os.getpid()}"
     remove_tree(src)
     (src / STAMP_DIR).mkdir(parents=True)
     try:
         for name, text in stamp_files(build, target, arch).items():
             (src / STAMP_DIR / name).write_text(text)
+            (src / STAMP_DIR / name).chmod(0o644)
         # -root-mode: appending resets the root directory's mode otherwise;
         # -no-recovery: no recovery file in $HOME.
         run(["mksquashfs", src / STAMP_DIR, image, "-keep-as-directory", "-root-mode", "755",
-             "-no-recovery", "-no-progress", "-quiet"], log)
+             "-no-recovery", "-no-progress", "-quiet"], log, env=env)
     finally:
         remove_tree(src)

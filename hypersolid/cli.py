@@ -23,7 +23,7 @@ from .cache import Cache, remove_tree
 from .config import ConfigError, Project, Target
 from .container import emulated, ensure_binfmt, run_in
 from .mounts import writable_view
-from .run import BuildError, HookError, Log, install_signal_handlers, interrupted_status, isolated
+from .run import BuildError, HookError, Log, install_signal_handlers, interrupted_status, isolated, set_build_umask
 from .stages import STAGES, Unit, build_id, default_cache_dir, planned_keys
 
 OK, FAILED, USAGE, HOOK_FAILED = 0, 1, 2, 3
@@ -337,6 +337,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     install_signal_handlers()
+    set_build_umask()
     if getattr(args, "no_wait", False):
         os.environ[lock.NO_WAIT] = "1"
     try:

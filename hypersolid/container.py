@@ -28,6 +28,9 @@ QEMU_USER = {"arm64": "aarch64", "armhf": "arm", "armel": "arm", "i386": "i386",
 NATIVE_ALSO = {"amd64": {"i386"}}
 
 NSPAWN_RUNTIME = Path("/run/systemd/nspawn")
+# The container's host name: fixed, since a tool that records it (the
+# machine name hs-<pid> otherwise) would make two builds differ.
+HOSTNAME = "hypersolid"
 CONTAINER_ENV = {
     "DEBIAN_FRONTEND": "noninteractive",
     "DEBCONF_NONINTERACTIVE_SEEN": "true",
@@ -109,14 +112,15 @@ def command(tree: Path, argv: Sequence[str], log: Log, env: Mapping[str, str] | 
         _ensure_nspawn_runtime(log)
         cmd = ["systemd-nspawn", "--register=no", "--keep-unit", "--quiet", "--as-pid2",
                "--resolv-conf=off", "--timezone=off", "--link-journal=no",
-               f"--machine=hs-{os.getpid()}", "-D", str(tree)]
+               f"--machine=hs-{os.getpid()}", f"--hostname={HOSTNAME}", "-D", str(tree)]
         cmd += [f"--console={console}"] if console else []
         cmd += [f"--setenv={k}={v}" for k, v in full_env.items()]
         return cmd + ["--", *argv]
-    setup = ('mount -t proc proc "$0/proc" && mount -t sysfs sysfs "$0/sys" && '
+    setup = (f'hostname {HOSTNAME} && mount -t proc proc "$0/proc" && mount -t sysfs sysfs "$0/sys" && '
              'mount --rbind /dev "$0/dev" && exec chroot "$0" "$@"')
-    # The runner's own PID and mount namespaces hold these mounts.
-    return ["sh", "-c", setup, str(tree), "/usr/bin/env", "-i",
+    # The runner's own PID and mount namespaces hold these mounts; a UTS
+    # namespace of its own for the fixed host name.
+    return ["unshare", "--uts", "sh", "-c", setup, str(tree), "/usr/bin/env", "-i",
             *[f"{k}={v}" for k, v in full_env.items()], *argv]
 
 

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from . import intree
+from . import epoch, intree
 from .container import run_in
 from .run import CommandTimeout, HookError, Log, run
 
@@ -50,8 +50,12 @@ def checked(unit, kind: str, log: Log) -> list[Path]:
 
 
 def base_env(unit, kind: str) -> dict[str, str]:
+    """What every stage hook gets; SOURCE_DATE_EPOCH from the bootstrap
+    entry (a post-bootstrap hook gets it from bootstrap itself, whose entry
+    is not published yet)."""
+    sde = {} if kind == "post-bootstrap" else epoch.unit_env(unit)
     return {"HYPERSOLID_TARGET": unit.target.name, "HYPERSOLID_ARCH": unit.arch or "",
-            "HYPERSOLID_HOOK": kind}
+            "HYPERSOLID_HOOK": kind, **sde}
 
 
 def _timed(unit, hook: Path, log: Log, start) -> int:

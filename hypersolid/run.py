@@ -112,6 +112,15 @@ def install_signal_handlers() -> None:
         signal.signal(sig, _raise_interrupted)
 
 
+BUILD_UMASK = 0o022
+
+
+def set_build_umask() -> None:
+    """A fixed umask for everything a build creates: the caller's (027, say)
+    would otherwise end up in the modes of files in the image."""
+    os.umask(BUILD_UMASK)
+
+
 def interrupted_status(exc: BaseException) -> int:
     return exc.status if isinstance(exc, Interrupted) else 128 + signal.SIGINT
 

@@ -20,7 +20,7 @@ from .config import Project, Target
 from .report import BAD_TARGET, TimingReporter, install_excepthook
 from .boot import STORAGE_LABEL, machine, storage_disk
 from .qemu import MACHINES
-from .run import BuildError, Log, install_signal_handlers, run
+from .run import BuildError, Log, install_signal_handlers, run, set_build_umask
 from .stages import STAGES, Unit, default_cache_dir, execute, no_space
 
 ORDER = ("rootfs", "bootstrap", "configure", "squashfs", "initramfs", "bootfiles")
@@ -226,6 +226,7 @@ def doit_config(default_target: str) -> dict:
     a run that writes doit's database takes the checkout's lock first."""
     Path("build").mkdir(exist_ok=True)  # doit needs the database's directory
     install_signal_handlers()
+    set_build_umask()
     install_excepthook()
     if lock.writes_database(sys.argv[1:]):
         try:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .. import buildid, hooks, raspberrypi
+from .. import buildid, epoch, hooks, raspberrypi
 from ..cache import digest_file, remove_tree, sweep_leftovers, temp_name
 from ..run import Log, run
 from . import Stage, Unit, build_id, register
@@ -52,7 +52,7 @@ def _upstream(unit: Unit) -> tuple[str, ...]:
 class Bootfiles(Stage):
     name = "bootfiles"
     cached = False
-    helpers = ("hypersolid.buildid", "hypersolid.hooks", "hypersolid.raspberrypi")
+    helpers = ("hypersolid.buildid", "hypersolid.epoch", "hypersolid.hooks", "hypersolid.raspberrypi")
     doc = "dist/<target>/: kernel, initramfs, system image, package manifest, build info"
     reads = ("image", "rpi_dtbs", "rpi_consoles", "rpi_config_txt", "kernel_cmdline")
     uses = ("hook_timeout",)
@@ -145,10 +145,15 @@ class Bootfiles(Stage):
         try:
             img = work / image_name(a)
             run(["cp", "--reflink=auto", unit.output("squashfs") / image_name(a), img], log)
-            buildid.stamp_image(img, build, unit.target.name, a, log)
+            sde = epoch.unit_env(unit)
+            buildid.stamp_image(img, build, unit.target.name, a, log, sde)
             if image_name(a, "cpio") in wanted:
-                run(["sh", "-c", 'cd "$0" && echo "$1" | cpio --quiet -o -H newc > "$2"',
-                     work, img.name, work / image_name(a, "cpio")], log)
+                # The archive's header holds the file's mode, owner and mtime:
+                # all fixed, so two builds give the same bytes.
+                img.chmod(0o644)
+                os.utime(img, (int(sde[epoch.VAR]),) * 2)
+                run(["sh", "-c", 'cd "$0" && echo "$1" | cpio --quiet --reproducible -R 0:0 -o -H newc > "$2"',
+                     work, img.name, work / image_name(a, "cpio")], log, env=sde)
                 os.replace(work / image_name(a, "cpio"), dist / image_name(a, "cpio"))
             if image_name(a) in wanted:
                 os.replace(img, dist / image_name(a))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import hooks
+from .. import epoch, hooks
 from ..container import install_script, run_in
 from ..debproxy import DebProxy
 from ..dpkg import read_status, write_package_manifest
@@ -81,7 +81,7 @@ fi
 @register
 class Configure(Stage):
     name = "configure"
-    helpers = ("hypersolid.container", "hypersolid.dpkg", "hypersolid.hooks", "hypersolid.intree")
+    helpers = ("hypersolid.container", "hypersolid.dpkg", "hypersolid.epoch", "hypersolid.hooks", "hypersolid.intree")
     upstream = ("bootstrap",)
     doc = "packages configured in a container (dpkg --configure, pre-configure hooks)"
     reads = ("locale",)
@@ -98,12 +98,13 @@ class Configure(Stage):
         hooks.checked(unit, "pre-configure", log)
         tree = out / "tree"
         run(["cp", "-a", "--reflink=auto", unit.output("bootstrap") / "tree", tree], log)
-        run_in(tree, [install_script(tree, "prepare", PREPARE)], log, unit.arch)
+        sde = epoch.unit_env(unit)  # maintainer scripts stamp it, not the clock
+        run_in(tree, [install_script(tree, "prepare", PREPARE)], log, unit.arch, env=sde)
         # apt in a hook downloads through the caching proxy (no DNS needed inside).
         with DebProxy(unit.cache.root / "debs", source_urls(unit.target, unit.arch),
                       upstream_proxy=unit.target.apt_proxy, log=log) as proxy:
             hooks.run_in_tree(unit, "pre-configure", tree, log, env={"http_proxy": proxy.url})
-        run_in(tree, [install_script(tree, "finish", FINISH), unit.target.locale], log, unit.arch)
+        run_in(tree, [install_script(tree, "finish", FINISH), unit.target.locale], log, unit.arch, env=sde)
         broken = [f"{r.get('Package')} ({r.get('Status')})" for r in read_status(tree)
                   if r.get("Status") != "install ok installed"]
         if broken:

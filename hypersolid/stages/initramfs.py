@@ -17,6 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
+from .. import epoch
 from ..config import INITRAMFS_COMPRESSORS
 from ..container import run_in
 from ..mounts import release_view, writable_view
@@ -43,7 +44,7 @@ def initramfs_conf(modules: str, compression: str) -> str:
 class Initramfs(Stage):
     name = "initramfs"
     upstream = ("configure",)
-    helpers = ("hypersolid.container", "hypersolid.mounts")
+    helpers = ("hypersolid.container", "hypersolid.epoch", "hypersolid.mounts")
     doc = "kernel + initramfs (mkinitramfs in the container, boot=hypersolid script)"
     reads = ("initramfs_compression", "initramfs_modules", "initramfs_extra_modules")
     isolated = True  # the overlay over the configured tree
@@ -84,7 +85,9 @@ class Initramfs(Stage):
             with open(conf / "modules", "a") as f:
                 f.write("".join(m + "\n" for m in t.initramfs_extra_modules))
         (tree / ".hypersolid").mkdir(exist_ok=True)
-        run_in(tree, ["mkinitramfs", "-o", "/.hypersolid/initramfs.img", kver], log, unit.arch)
+        # mkinitramfs clamps mtimes to SOURCE_DATE_EPOCH, sorts and uses cpio --reproducible.
+        run_in(tree, ["mkinitramfs", "-o", "/.hypersolid/initramfs.img", kver], log, unit.arch,
+               env=epoch.unit_env(unit))
         shutil.copyfile(tree / ".hypersolid/initramfs.img", out / "initramfs.img")
         shutil.copyfile(tree / "boot" / f"vmlinuz-{kver}", out / "kernel.img")
         (out / "kernel.json").write_text(json.dumps({"version": kver}) + "\n")

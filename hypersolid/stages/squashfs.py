@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import accounts, aptsources, hooks, intree
+from .. import accounts, aptsources, epoch, hooks, intree
 from ..dpkg import host_version, write_package_manifest
 from ..mounts import release_view, writable_view
 from ..run import Log, run
@@ -30,6 +30,7 @@ LEFTOVERS = (
     "var/cache/apt/*.bin", "var/cache/apt/archives/*.deb", "var/cache/debconf/*-old",
     "var/lib/apt/lists/*_*", "var/log/dpkg.log", "var/log/alternatives.log",
     "var/log/apt/*", "var/log/bootstrap.log",
+    "var/cache/ldconfig/aux-cache",  # ldconfig's cache of file times and inodes: differs per build
     "etc/apt/apt.conf.d/*proxy*", "usr/sbin/policy-rc.d", "root/.bash_history",
 )
 
@@ -41,6 +42,12 @@ BUILD_ID_LINKS = {
     "etc/issue.d/hypersolid.issue": "/.hypersolid/issue",  # the login banner (agetty)
     "etc/motd.d/hypersolid": "/.hypersolid/motd",          # after login (pam_motd)
 }
+
+
+# The host library each compressor uses: mksquashfs' output bytes depend on
+# its version (part of the key, so a host upgrade does not hide behind a hit).
+COMPRESSOR_LIBRARY = {"zstd": "libzstd1", "xz": "liblzma5", "gzip": "zlib1g", "lz4": "liblz4-1",
+                      "lzo": "liblzo2-2"}
 
 
 def image_name(arch: str, ext: str = "img") -> str:
@@ -64,7 +71,7 @@ def mksquashfs_args(compression: str, level: int | None) -> list[str]:
 class Squashfs(Stage):
     name = "squashfs"
     helpers = ("hypersolid.accounts", "hypersolid.aptsources", "hypersolid.container", "hypersolid.dpkg",
-               "hypersolid.hooks", "hypersolid.intree", "hypersolid.mounts")
+               "hypersolid.epoch", "hypersolid.hooks", "hypersolid.intree", "hypersolid.mounts")
     upstream = ("configure", "rootfs")
     doc = "system image: configured tree + overlay + users/services/hooks, packed by mksquashfs"
     reads = ("hostname", "timezone", "users", "root_password", "services_enable", "services_disable",
@@ -73,7 +80,9 @@ class Squashfs(Stage):
     isolated = True  # the overlay over the configured tree
 
     def computed(self, unit: Unit) -> dict:
+        library = COMPRESSOR_LIBRARY[unit.target.compression]
         return {"arch": unit.arch, "squashfs_tools": host_version("squashfs-tools"),
+                "compressor_library": [library, host_version(library)],
                 "build_id_links": BUILD_ID_LINKS}
 
     def input_files(self, unit: Unit) -> dict[str, Path]:
@@ -106,8 +115,10 @@ class Squashfs(Stage):
 
         image = out / image_name(unit.arch)
         t = unit.target
+        # SOURCE_DATE_EPOCH: mksquashfs 4.5.1 clamps every mtime and stamps
+        # the superblock with it (and is -reproducible by default).
         run(["mksquashfs", tree, image, "-noappend", "-no-progress", "-quiet",
-             *mksquashfs_args(t.compression, t.compression_level)], log)
+             *mksquashfs_args(t.compression, t.compression_level)], log, env=epoch.unit_env(unit))
         size = image.stat().st_size
         if size < MIN_IMAGE_BYTES:
             raise log.fail(f"mksquashfs wrote only {size} bytes to {image.name} (disk full?)")
@@ -147,4 +158,4 @@ class Squashfs(Stage):
             raise log.fail(str(err)) from None
         for verb, units in (("enable", t.services_enable), ("disable", t.services_disable)):
             if units:
-                run(["systemctl", f"--root={tree}", verb, *units], log)
+                run(["systemctl", f"--root={tree}", verb, *units], log, env=epoch.unit_env(unit))

@@ -1,0 +1,57 @@
+"""Two clean builds of one target give the same bytes (issue #13).
+
+The builds differ in everything the issue names: cache directory, checkout
+path, start time (the second starts when the first has ended, minutes
+later), TZ, the caller's locale and its umask.  Both are cold: each has a
+fresh cache of its own, so nothing is shared but the Debian archive.
+"""
+from __future__ import annotations
+
+import filecmp
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TestProject, checkout_copy, needs_root_and_tools, tiny_target
+
+pytestmark = pytest.mark.integration
+
+# A small target with a kernel: the kernel, initramfs-tools and what they pull in.
+TARGET = tiny_target(packages="linux-image-amd64, initramfs-tools", extra="""\
+    image: both
+    initramfs: {compression: gzip}
+    """)
+OUTPUTS = ("kernel-amd64.img", "initramfs-amd64.img", "system-amd64.img", "system-amd64.cpio")
+CALLERS = [  # (TZ, LANG, umask) of each build's caller
+    ("UTC", "C.UTF-8", 0o022),
+    ("America/Los_Angeles", "de_DE.UTF-8", 0o027),
+]
+
+
+def build(root: Path, tz: str, lang: str, umask: int) -> tuple[TestProject, float]:
+    project = TestProject(checkout_copy(root / "checkout"), root / "cache")
+    project.target("repro", TARGET)
+    env = {"TZ": tz, "LANG": lang, "LC_ALL": lang, "HYPERSOLID_UUID": ""}
+    old = os.umask(umask)  # the doit process inherits it
+    start = time.monotonic()
+    try:
+        project.doit("bootfiles:repro", env=env, timeout=3600)
+    finally:
+        os.umask(old)
+    return project, time.monotonic() - start
+
+
+def test_two_cold_builds_in_different_places_and_times_give_identical_outputs(tmp_path):
+    needs_root_and_tools()
+    first, first_seconds = build(tmp_path / "one", *CALLERS[0])
+    second, second_seconds = build(tmp_path / "elsewhere/two", *CALLERS[1])
+    print(f"cold builds: {first_seconds:.0f} s and {second_seconds:.0f} s")
+    a, b = first.root / "dist/repro", second.root / "dist/repro"
+    differ = [n for n in OUTPUTS if not filecmp.cmp(a / n, b / n, shallow=False)]
+    assert differ == [], f"outputs differ between the two builds: {', '.join(differ)} ({a} vs {b})"
+    # Same inputs, same build id: it is derived from the keys, not from paths or times.
+    assert (a / "build-amd64.json").read_text() == (b / "build-amd64.json").read_text()
+    epochs = {int((p.entry("bootstrap", "repro") / "source-date-epoch").read_text()) for p in (first, second)}
+    assert len(epochs) == 1 and 1_600_000_000 < epochs.pop() < time.time()
