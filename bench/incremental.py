@@ -10,10 +10,17 @@ times up to the target's dist/ files (bootfiles): cold build (per stage),
 no-op, one overlay file edited, a new HYPERSOLID_UUID, the boot script edited, one package added
 (with the bytes that second bootstrap downloaded), and a fresh checkout using
 the restored cache.  Prints a table and one JSON line.
+
+For qemu-amd64 (the shipped default) it also builds the target cold a second
+time, in a second checkout and cache, with another TZ, locale and umask,
+and compares the four outputs byte for byte: the `reproducible` row (1 for
+true, 0 for false; when false, the first differing file is printed).  That
+costs one more cold build; --no-reproducible skips it.
 """
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import re
@@ -40,14 +47,20 @@ def make_checkout(dest: Path) -> Path:
     return dest
 
 
-def doit(checkout: Path, cache: Path, task: str, build_id: str | None = None) -> tuple[float, dict[str, float], str]:
+def doit(checkout: Path, cache: Path, task: str, build_id: str | None = None,
+         caller: dict | None = None, umask: int | None = None) -> tuple[float, dict[str, float], str]:
     env = {k: v for k, v in os.environ.items() if k != "HYPERSOLID_UUID"}
-    env.update({"HYPERSOLID_CACHE": str(cache), "PYTHONPATH": str(REPO)})
+    env.update({"HYPERSOLID_CACHE": str(cache), "PYTHONPATH": str(REPO), **(caller or {})})
     if build_id:
         env["HYPERSOLID_UUID"] = build_id
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "doit", task], cwd=checkout, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    old_umask = os.umask(umask) if umask is not None else None
+    try:
+        proc = subprocess.run([sys.executable, "-m", "doit", task], cwd=checkout, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    finally:
+        if old_umask is not None:
+            os.umask(old_umask)
     seconds = time.monotonic() - start
     if proc.returncode != 0:
         sys.exit(f"bench: doit {task} failed:\n{proc.stdout}")
@@ -60,6 +73,42 @@ BASELINES = {"qemu-amd64": ("original bash tool, same package set", ORIGINAL_TOO
              "qemu-arm64": ("plain dpkg --configure -a under qemu-user, arm64 with a kernel", 17.5 * 60)}
 
 
+REPRODUCIBLE_TARGETS = ("qemu-amd64",)
+REPRODUCED = ("kernel-{a}.img", "initramfs-{a}.img", "system-{a}.img", "system-{a}.cpio")
+
+
+def reproduce(target: str, first: Path, scratch: Path, keep: bool) -> tuple[bool, str | None, float]:
+    """A second cold build (other checkout path, cache, TZ, locale, umask,
+    later start) compared with the first: (identical, first difference,
+    seconds).  Removed afterwards (a second cache: gigabytes) unless it
+    differs and --keep was given."""
+    checkout = make_checkout(scratch / "elsewhere" / "checkout")
+    cache = scratch / "elsewhere" / "cache"
+    seconds, _, _ = doit(checkout, cache, f"bootfiles:{target}",
+                         caller={"TZ": "Asia/Kolkata", "LANG": "de_DE.UTF-8", "LC_ALL": "de_DE.UTF-8"},
+                         umask=0o027)
+    a, b = first / "dist" / target, checkout / "dist" / target
+    arches = sorted(p.name[len("build-"):-len(".json")] for p in a.glob("build-*.json"))
+    names = [n.format(a=arch) for arch in arches for n in REPRODUCED if (a / n.format(a=arch)).exists()]
+    differ = [n for n in names if not (b / n).exists() or not filecmp.cmp(a / n, b / n, shallow=False)]
+    if not differ or not keep:
+        shutil.rmtree(scratch / "elsewhere", ignore_errors=True)
+    if not differ:
+        return True, None, seconds
+    return False, first_difference(a / differ[0], b / differ[0]) or differ[0], seconds
+
+
+def first_difference(a: Path, b: Path) -> str | None:
+    """`hypersolid diff`'s first line of change when the command exists."""
+    proc = subprocess.run([sys.executable, "-m", "hypersolid.cli", "diff", str(a), str(b)],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 1:  # 2: a usage error, or no diff verb in this version
+        return None
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    return f"{a.name}: {lines[0].strip()}" if lines else None
+
+
 def measure(target: str, args, scratch: Path) -> dict:
     """All rows for one target, in its own checkout and fresh cache."""
     task = f"bootfiles:{target}"
@@ -67,6 +116,12 @@ def measure(target: str, args, scratch: Path) -> dict:
     checkout = make_checkout(scratch / "checkout")
     rows: dict[str, float] = {}
     rows["cold"], cold_stages, _ = doit(checkout, cache, task)
+    difference = None
+    if args.reproducible and target in REPRODUCIBLE_TARGETS:
+        same, difference, rows["second_cold"] = reproduce(target, checkout, scratch, args.keep)
+        rows["reproducible"] = float(same)
+        print(f"bench: {target}: reproducible: {str(same).lower()}" + (f" ({difference})" if difference else ""),
+              flush=True)
     rows["noop"] = statistics.median(doit(checkout, cache, task)[0] for _ in range(args.repeat))
 
     def edited(path: Path, line: str) -> float:
@@ -108,6 +163,9 @@ def measure(target: str, args, scratch: Path) -> dict:
         "second_bootstrap_reused_deb_bytes": stats["reused_deb_bytes"],
         "overlay_edit_vs_cold": round(rows["overlay_edit"] / rows["cold"], 3),
     }
+    if "reproducible" in rows:
+        result["reproducible"] = bool(rows["reproducible"])
+        result["first_difference"] = difference
     if target in BASELINES:
         result["cold_vs_baseline"] = round(rows["cold"] / BASELINES[target][1], 3)
     return result
@@ -120,6 +178,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per incremental measurement (median)")
     parser.add_argument("--package", default="less", help="package added for the package-added run")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--no-reproducible", dest="reproducible", action="store_false",
+                        help="skip the second cold build of qemu-amd64 and its byte comparison")
     args = parser.parse_args()
     targets = args.target or ["qemu-amd64", "qemu-arm64"]
 
@@ -135,6 +195,9 @@ def main() -> None:
     for row in results[0]["seconds"]:
         print(f"{row:<30}" + "".join(f"{r['seconds'].get(row, float('nan')):>14.2f}" for r in results))
     for r in results:
+        if "reproducible" in r:
+            print(f"{r['target']}: reproducible: {str(r['reproducible']).lower()}"
+                  + (f" (first difference: {r['first_difference']})" if r["first_difference"] else ""))
         print(f"{r['target']}: cold by stage: " + ", ".join(f"{k.split(':')[0]} {v:.1f}s"
                                                            for k, v in r["cold_stages"].items()))
         print(f"{r['target']}: second bootstrap downloaded {r['second_bootstrap_downloaded_deb_bytes']} bytes "
