@@ -91,11 +91,21 @@ def reproduce(target: str, first: Path, scratch: Path, keep: bool) -> tuple[bool
     arches = sorted(p.name[len("build-"):-len(".json")] for p in a.glob("build-*.json"))
     names = [n.format(a=arch) for arch in arches for n in REPRODUCED if (a / n.format(a=arch)).exists()]
     differ = [n for n in names if not (b / n).exists() or not filecmp.cmp(a / n, b / n, shallow=False)]
+    packages = [changed_packages(a / f"packages-{arch}.tsv", b / f"packages-{arch}.tsv") for arch in arches]
+    if differ and any(packages):  # not the same inputs: the mirror moved on between the builds
+        differ[0] += f" (other package versions: {'; '.join(filter(None, packages))})"
     if not differ or not keep:
         shutil.rmtree(scratch / "elsewhere", ignore_errors=True)
     if not differ:
         return True, None, seconds
-    return False, first_difference(a / differ[0], b / differ[0]) or differ[0], seconds
+    name = differ[0].split(" ")[0]
+    return False, first_difference(a / name, b / name) or differ[0], seconds
+
+
+def changed_packages(a: Path, b: Path) -> str:
+    """The package lines only one of two packages-<arch>.tsv has ('' if none)."""
+    old, new = set(a.read_text().splitlines()), set(b.read_text().splitlines())
+    return ", ".join(sorted(line.replace("\t", " ") for line in old ^ new)[:4])
 
 
 def first_difference(a: Path, b: Path) -> str | None:

@@ -49,6 +49,9 @@ def test_two_cold_builds_in_different_places_and_times_give_identical_outputs(tm
     second, second_seconds = build(tmp_path / "elsewhere/two", *CALLERS[1])
     print(f"cold builds: {first_seconds:.0f} s and {second_seconds:.0f} s")
     a, b = first.root / "dist/repro", second.root / "dist/repro"
+    # The precondition: the same package versions (a mirror update between the builds breaks it).
+    assert (a / "packages-amd64.tsv").read_text() == (b / "packages-amd64.tsv").read_text(), \
+        "the mirror served other package versions to the second build: not comparable, run again"
     differ = [n for n in OUTPUTS if not filecmp.cmp(a / n, b / n, shallow=False)]
     assert differ == [], f"outputs differ between the two builds: {', '.join(differ)} ({a} vs {b})"
     # Same inputs, same build id: it is derived from the keys, not from paths or times.
