@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -24,6 +25,13 @@ TARGET = tiny_target(packages="linux-image-amd64, initramfs-tools", extra="""\
     initramfs: {compression: gzip}
     """)
 OUTPUTS = ("kernel-amd64.img", "initramfs-amd64.img", "system-amd64.img", "system-amd64.cpio")
+# One hook of each kind records the SOURCE_DATE_EPOCH it was given.
+HOOKS = {
+    "post-bootstrap": 'echo "$SOURCE_DATE_EPOCH" > "$HYPERSOLID_TREE/etc/hs-sde-post-bootstrap"',
+    "pre-configure": 'echo "$SOURCE_DATE_EPOCH" > /etc/hs-sde-pre-configure',
+    "post-configure": 'echo "$SOURCE_DATE_EPOCH" > /etc/hs-sde-post-configure',
+    "post-build": 'echo "$SOURCE_DATE_EPOCH" > "$HYPERSOLID_DIST/hs-sde-post-build"',
+}
 CALLERS = [  # (TZ, LANG, umask) of each build's caller
     ("UTC", "C.UTF-8", 0o022),
     ("America/Los_Angeles", "de_DE.UTF-8", 0o027),
@@ -33,6 +41,8 @@ CALLERS = [  # (TZ, LANG, umask) of each build's caller
 def build(root: Path, tz: str, lang: str, umask: int) -> tuple[TestProject, float]:
     project = TestProject(checkout_copy(root / "checkout"), root / "cache")
     project.target("repro", TARGET)
+    for kind, line in HOOKS.items():
+        project.write(f"targets/repro/hooks/{kind}.d/10-sde", f"#!/bin/sh\nset -eu\n{line}\n", 0o755)
     env = {"TZ": tz, "LANG": lang, "LC_ALL": lang, "HYPERSOLID_UUID": ""}
     old = os.umask(umask)  # the doit process inherits it
     start = time.monotonic()
@@ -57,4 +67,10 @@ def test_two_cold_builds_in_different_places_and_times_give_identical_outputs(tm
     # Same inputs, same build id: it is derived from the keys, not from paths or times.
     assert (a / "build-amd64.json").read_text() == (b / "build-amd64.json").read_text()
     epochs = {int((p.entry("bootstrap", "repro") / "source-date-epoch").read_text()) for p in (first, second)}
-    assert len(epochs) == 1 and 1_600_000_000 < epochs.pop() < time.time()
+    assert len(epochs) == 1 and 1_600_000_000 < min(epochs) < time.time()
+    # Every hook got that epoch.
+    image = a / "system-amd64.img"
+    seen = {kind: subprocess.run(["unsquashfs", "-cat", image, f"etc/hs-sde-{kind}"], check=True,
+                                 stdout=subprocess.PIPE, text=True).stdout for kind in list(HOOKS)[:3]}
+    seen["post-build"] = (a / "hs-sde-post-build").read_text()
+    assert seen == {kind: f"{min(epochs)}\n" for kind in HOOKS}
