@@ -188,6 +188,11 @@ class Stage:
         """Input files by a stable name (path relative to the project)."""
         return {}
 
+    def fresh(self, unit: Unit) -> list:
+        """Extra doit uptodate checks (all must hold for the task to be
+        skipped), e.g. resolve's age limit."""
+        return []
+
     def build(self, unit: Unit, out: Path, log: Log) -> None:
         raise NotImplementedError
 
@@ -249,6 +254,8 @@ def build_id(project: Project, target, cache: Cache) -> str:
 
 
 def _file_identity(path: Path) -> list:
+    if not os.path.lexists(path):  # an input another task makes (resolve's resolved.lock) before it ran
+        return ["missing"]
     st = os.lstat(path)
     if os.path.islink(path):
         return ["link", os.readlink(path)]
@@ -338,7 +345,7 @@ def register(stage_cls: type[Stage]) -> type[Stage]:
 
 
 def _load_all() -> None:
-    from . import bootfiles, bootstrap, configure, initramfs, rootfs, squashfs  # noqa: F401  (register themselves)
+    from . import bootfiles, bootstrap, configure, initramfs, resolve, rootfs, squashfs  # noqa: F401  (register themselves)
 
 
 _load_all()
