@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, hooks, lock, report
+from . import __version__, hooks, lock, lockfile, report
 from .cache import Cache, remove_tree
 from .config import ConfigError, Project, Target
 from .container import emulated, ensure_binfmt, run_in
@@ -192,6 +192,47 @@ def build(project: Project, target: Target) -> None:
         print(f"  {f.name + ('/' if f.is_dir() else ''):<28} {size / 1e6:10.1f} MB")
 
 
+def lock_versions(project: Project, target: Target) -> None:
+    """Write TARGET's lock file(s) from a fresh resolution of its mirror."""
+    from . import versions
+    for arch in target.architectures:
+        try:
+            path, named, count, changed = versions.write_lock(Unit(project, target, arch, cache_of(project)))
+        except BuildError as err:
+            raise Failure(str(err), FAILED) from None
+        print(f"hypersolid: wrote {os.path.relpath(path)} ({count} packages, {changed} lines changed)")
+        if not named:
+            print(f"  add `lock: packages-{{arch}}.lock` to {os.path.relpath(target.file)} to build from it")
+
+
+def outdated(project: Project, target: Target) -> int:
+    """The packages of the last build the mirror has newer versions of; 1 if any."""
+    from . import versions
+    found = 0
+    for arch in target.architectures:
+        unit = Unit(project, target, arch, cache_of(project))
+        last = versions.last_build_lock(unit)
+        if last is None:
+            raise Failure(f"no build of {target.name}/{arch} yet (no dist/{target.name}/packages-{arch}.lock): "
+                          f"build it first", USAGE)
+        try:
+            entries = lockfile.read(last)
+        except lockfile.LockError as err:
+            raise Failure(str(err), USAGE) from None
+        try:
+            newer = versions.outdated(unit, entries)
+        except BuildError as err:
+            raise Failure(str(err), FAILED) from None
+        for old, new, security in newer:
+            print(f"{old.package}:{old.architecture} {old.version} -> {new.version}"
+                  + ("  (security)" if security else ""))
+        found += len(newer)
+    if found:
+        print(f"hypersolid: {found} package(s) of the last build of {target.name} have newer versions; "
+              f"`hypersolid build --refresh {target.name}` picks them up", file=sys.stderr)
+    return FAILED if found else OK
+
+
 def sign(project: Project, target: Target) -> None:
     workspace_hook(project, target, "codesigning", built_id(project, target))
 
@@ -320,7 +361,10 @@ def parser() -> argparse.ArgumentParser:
             ("update", "the same as build-deploy"),
             ("attach", "a shell in TARGET's configured tree (container; emulated if foreign); "
                        "changes are discarded"),
-            ("clean", "remove dist/TARGET/; with --cache also TARGET's cache entries")):
+            ("clean", "remove dist/TARGET/; with --cache also TARGET's cache entries"),
+            ("lock", "write TARGET's lock file (packages-<arch>.lock) from a fresh resolution of its mirror"),
+            ("outdated", "list the packages of TARGET's last build that have newer versions on the mirror "
+                         "(security first); exit 1 if any")):
         v = verbs.add_parser(name, help=text, description=text)
         v.add_argument("target", metavar="TARGET")
         if name == "attach":
@@ -328,6 +372,9 @@ def parser() -> argparse.ArgumentParser:
         if name in ("build", "build-deploy", "update", "attach"):
             v.add_argument("--no-wait", action="store_true",
                            help="fail at once if another build runs in this checkout (default: wait)")
+        if name in ("build", "build-deploy", "update"):
+            v.add_argument("--refresh", action="store_true",
+                           help="ask the mirror for new package versions now, whatever index_max_age says")
         if name == "clean":
             v.add_argument("--cache", action="store_true",
                            help="also drop the target's cache entries (not those other targets share)")
@@ -339,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     install_signal_handlers()
     if getattr(args, "no_wait", False):
         os.environ[lock.NO_WAIT] = "1"
+    if getattr(args, "refresh", False):
+        from .resolve import REFRESH_ENV
+        os.environ[REFRESH_ENV] = "1"
     try:
         project, target = resolve(args.target, args.workspace)
         if args.verb == "build":
@@ -353,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
             return attach(project, target, args.arch)
         elif args.verb == "clean":
             clean(project, target, args.cache)
+        elif args.verb == "lock":
+            lock_versions(project, target)
+        elif args.verb == "outdated":
+            return outdated(project, target)
     except Failure as err:
         print(f"hypersolid: {args.verb} {args.target}: {err}", file=sys.stderr)
         return err.status

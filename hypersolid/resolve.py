@@ -32,18 +32,17 @@ URI_LINE = re.compile(r"^'([^']+)' (\S+) (\d+) ?(\S*)$", re.M)
 
 
 def max_age(target) -> int:
-    """Seconds a resolution stays valid: the target's index_max_age, else
-    HYPERSOLID_INDEX_MAX_AGE (seconds, or 30m/1h/2d), else 1 h."""
+    """Seconds a resolution stays valid: HYPERSOLID_INDEX_MAX_AGE (seconds, or
+    30m/1h/2d; the environment wins, so CI can say 0 for every target), else
+    the target's index_max_age, else 1 h."""
     from .config import parse_duration
-    if target.index_max_age is not None:
-        return target.index_max_age
     env = os.environ.get(MAX_AGE_ENV, "").strip()
     if env:
         value = parse_duration(env)
         if value is None:
             raise BuildError("resolve", f"{MAX_AGE_ENV}={env!r} is not seconds or a duration such as 30m, 1h, 2d")
         return value
-    return DEFAULT_MAX_AGE
+    return target.index_max_age if target.index_max_age is not None else DEFAULT_MAX_AGE
 
 
 def is_fresh(stamp: Path, age: int, now: float | None = None) -> bool:

@@ -144,7 +144,7 @@ def _tasks(stage_name: str):
             "name": subtask_name(unit.target, unit.arch),
             "doc": f"{stage.doc} [{unit.target.name}{'/' + unit.arch if unit.arch else ''}]",
             "actions": [(run_stage, [stage_name, unit])],
-            "file_dep": sorted(rel(p) for p in stage.input_files(unit).values())
+            "file_dep": sorted(rel(p) for p in [*stage.input_files(unit).values(), *stage.watched(unit)])
                         + [rel(unit.key_file(s)) for s in stage.upstream_of(unit)],
             "targets": [rel(unit.key_file(stage_name))] + [rel(p) for p in stage.outputs(unit)],
             "uptodate": [settings_changed(stage, unit)] + ([entry_present(stage_name, unit)] if stage.cached else [])

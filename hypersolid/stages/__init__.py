@@ -188,6 +188,11 @@ class Stage:
         """Input files by a stable name (path relative to the project)."""
         return {}
 
+    def watched(self, unit: Unit) -> list[Path]:
+        """Files doit must watch besides input_files, whose content enters
+        the key through `computed` (bootstrap: the lock, by its entries)."""
+        return []
+
     def fresh(self, unit: Unit) -> list:
         """Extra doit uptodate checks (all must hold for the task to be
         skipped), e.g. resolve's age limit."""
@@ -254,8 +259,6 @@ def build_id(project: Project, target, cache: Cache) -> str:
 
 
 def _file_identity(path: Path) -> list:
-    if not os.path.lexists(path):  # an input another task makes (resolve's resolved.lock) before it ran
-        return ["missing"]
     st = os.lstat(path)
     if os.path.islink(path):
         return ["link", os.readlink(path)]

@@ -30,7 +30,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .. import hooks, lockfile
-from ..cache import remove_tree
+from ..cache import digest_json, remove_tree
 from ..debproxy import MissingDebs, fetch_debs
 from ..dpkg import host_version, read_status
 from ..run import Log, run
@@ -107,6 +107,16 @@ def lock_path(unit: Unit) -> Path:
     return real_target(unit.target).lock_file(unit.arch) or unit.build_dir / RESOLVED
 
 
+def locked_set(path: Path) -> str:
+    """The key's view of a lock: a digest of its entries (not its comments,
+    so two targets with one package set share the bootstrap entry); a
+    missing or bad lock is a value too (the build then says what is wrong)."""
+    try:
+        return digest_json([e.line() for e in lockfile.read(path)])
+    except lockfile.LockError as err:
+        return f"unreadable: {err.message}"
+
+
 def _check_tree(tree: Path, entries: list[lockfile.LockEntry], log: Log) -> None:
     """The unpacked tree holds exactly the lock's packages (else the key would lie)."""
     got = {(r.get("Package"), r.get("Version")) for r in read_status(tree)}
@@ -128,10 +138,15 @@ class Bootstrap(Stage):
 
     def computed(self, unit: Unit) -> dict:
         return {"arch": unit.arch, "multistrap": host_version("multistrap"),
-                "apt-ftparchive": host_version("apt-utils")}
+                "apt-ftparchive": host_version("apt-utils"), "packages": locked_set(lock_path(unit))}
 
     def input_files(self, unit: Unit) -> dict[str, Path]:
-        return {**hooks.input_files(unit, "post-bootstrap"), "packages.lock": lock_path(unit)}
+        return hooks.input_files(unit, "post-bootstrap")
+
+    def watched(self, unit: Unit) -> list[Path]:
+        path = lock_path(unit)
+        # a missing target lock is the build's one-line error, not doit's "file_dep does not exist"
+        return [path] if path.exists() or not real_target(unit.target).lock else []
 
     def build(self, unit: Unit, out: Path, log: Log) -> None:
         hooks.checked(unit, "post-bootstrap", log)  # before minutes of work, not after

@@ -73,10 +73,16 @@ class Resolve(Stage):
     def fresh(self, unit: Unit) -> list:
         """doit uptodate: the last resolution is young enough."""
         stamp, target = unit.build_dir / RESOLVED_TIME, real_target(unit.target)
-        return [lambda: apt.is_fresh(stamp, apt.max_age(target))]
+        def check() -> bool:
+            try:
+                return apt.is_fresh(stamp, apt.max_age(target))
+            except BuildError:
+                return False  # a bad HYPERSOLID_INDEX_MAX_AGE: the build says so in one line
+        return [check]
 
     def build(self, unit: Unit, out: None, log: Log) -> None:
         dest, stamp = unit.build_dir / RESOLVED, unit.build_dir / RESOLVED_TIME
+        apt.max_age(unit.target)  # a bad HYPERSOLID_INDEX_MAX_AGE is this stage's error line
         started = time.time()
         try:
             entries = resolve_now(unit, log)
