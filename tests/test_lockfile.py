@@ -60,3 +60,111 @@ def test_unreadable_or_binary_lock_is_one_error(tmp_path):
     (tmp_path / "bin.lock").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(LockError, match="not UTF-8"):
         lockfile.read(tmp_path / "bin.lock")
+
+
+# -- when the mirror is asked again (resolve's window) -------------------------
+
+from hypersolid import resolve  # noqa: E402
+from hypersolid.config import parse_duration  # noqa: E402
+
+
+class _T:
+    def __init__(self, age):
+        self.index_max_age = age
+
+
+@pytest.mark.parametrize("text, seconds", [("0", 0), ("3600", 3600), ("90m", 5400), ("1h", 3600), ("2d", 172800),
+                                           (" 5s ", 5), ("1.5h", None), ("h", None), ("-1", None), ("1w", None)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_the_window_is_the_environment_else_the_target_else_an_hour(monkeypatch):
+    monkeypatch.delenv(resolve.MAX_AGE_ENV, raising=False)
+    assert resolve.max_age(_T(None)) == 3600
+    assert resolve.max_age(_T(60)) == 60
+    monkeypatch.setenv(resolve.MAX_AGE_ENV, "0")
+    assert resolve.max_age(_T(60)) == 0
+    monkeypatch.setenv(resolve.MAX_AGE_ENV, "soon")
+    with pytest.raises(Exception, match="HYPERSOLID_INDEX_MAX_AGE='soon' is not seconds"):
+        resolve.max_age(_T(60))
+
+
+def test_a_resolution_is_fresh_only_within_the_window_and_without_refresh(tmp_path, monkeypatch):
+    monkeypatch.delenv(resolve.REFRESH_ENV, raising=False)
+    stamp = tmp_path / "resolved.time"
+    assert not resolve.is_fresh(stamp, 3600, now=1000)  # never resolved
+    stamp.write_text("1000\n")
+    assert resolve.is_fresh(stamp, 3600, now=1000 + 3599)
+    assert not resolve.is_fresh(stamp, 3600, now=1000 + 3600)
+    assert not resolve.is_fresh(stamp, 0, now=1000)  # 0: every build
+    assert not resolve.is_fresh(stamp, 3600, now=999)  # a clock set back: ask again
+    monkeypatch.setenv(resolve.REFRESH_ENV, "1")
+    assert not resolve.is_fresh(stamp, 3600, now=1001)  # --refresh
+    stamp.write_text("garbage")
+    monkeypatch.delenv(resolve.REFRESH_ENV)
+    assert not resolve.is_fresh(stamp, 3600, now=1001)
+
+
+def test_print_uris_lines_become_exact_entries():
+    text = ("'http://m.example/debian/pool/main/z/zlib/zlib1g_1.2.13.dfsg-1_amd64.deb' "
+            "zlib1g_1%3a1.2.13.dfsg-1_amd64.deb 86880 MD5Sum:8e7e741807b1e1939df8f58323affdcb\n"
+            "'http://m.example/debian-security/pool/updates/main/l/libz/libzstd1_1.5.4%2bdfsg2-5_amd64.deb' "
+            "libzstd1_1.5.4+dfsg2-5_amd64.deb 290236 \n")
+    sources = ["http://m.example/debian", "http://m.example/debian-security"]
+    hashes = {("http://m.example/debian", "pool/main/z/zlib/zlib1g_1.2.13.dfsg-1_amd64.deb"): (86880, SHA),
+              ("http://m.example/debian-security", "pool/updates/main/l/libz/libzstd1_1.5.4+dfsg2-5_amd64.deb"):
+              (290236, SHA)}
+    got = resolve.parse_uris(text, sources, hashes)
+    assert [(e.package, e.version, e.source, e.filename) for e in got] == [
+        ("libzstd1", "1.5.4+dfsg2-5", "http://m.example/debian-security",
+         "pool/updates/main/l/libz/libzstd1_1.5.4+dfsg2-5_amd64.deb"),
+        ("zlib1g", "1:1.2.13.dfsg-1", "http://m.example/debian", "pool/main/z/zlib/zlib1g_1.2.13.dfsg-1_amd64.deb")]
+    with pytest.raises(Exception, match="not in the Packages lists"):
+        resolve.parse_uris(text, sources, {})
+
+
+def test_the_store_layout_is_apts_url_escaping(tmp_path):
+    from hypersolid.debproxy import store_path
+    assert store_path(tmp_path, "http://deb.debian.org/debian/pool/main/g/gcc-12/libstdc++6_12.2.0-14+deb12u1~x_amd64.deb") \
+        == tmp_path / "deb.debian.org/debian/pool/main/g/gcc-12/libstdc%2b%2b6_12.2.0-14%2bdeb12u1%7ex_amd64.deb"
+    assert store_path(tmp_path, "http://127.0.0.1:8080/d/pool/a_1:2_all.deb") == tmp_path / "127.0.0.1_8080/d/pool/a_1%3a2_all.deb"
+
+
+# -- the settings ----------------------------------------------------------------
+
+def _load(tmp_path, extra: str):
+    import textwrap
+    from hypersolid.config import Project, clear_caches
+    clear_caches()
+    path = tmp_path / "targets/t/target.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent("""\
+        architectures: [amd64]
+        suite: bookworm
+        mirror: http://deb.debian.org/debian
+        sections: [{name: debian, packages: [netbase]}]
+        """) + extra)
+    return Project(tmp_path).load("t")
+
+
+def test_lock_and_window_settings(tmp_path):
+    t = _load(tmp_path, "lock: packages-{arch}.lock\nindex_max_age: 30m\napt_keyring: keys/k.gpg\n")
+    assert t.lock_file("arm64") == tmp_path / "targets/t/packages-arm64.lock"
+    assert t.index_max_age == 1800
+    assert t.apt_keyring == str(tmp_path / "targets/t/keys/k.gpg")
+    t = _load(tmp_path, "index_max_age: 0\n")
+    assert t.lock is None and t.lock_file("amd64") is None and t.index_max_age == 0
+
+
+@pytest.mark.parametrize("extra, key, message", [
+    ("lock: ../other/x.lock\n", "lock", "is not a file name next to target.yaml"),
+    ("lock: .hidden\n", "lock", "is not a file name"),
+    ("index_max_age: soon\n", "index_max_age", "is not seconds or a duration"),
+    ("index_max_age: -5\n", "index_max_age", "outside"),
+])
+def test_bad_lock_settings_are_one_error_naming_the_key(tmp_path, extra, key, message):
+    from hypersolid.config import ConfigError
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, extra)
+    assert err.value.key == key and message in str(err.value) and ":5:" in str(err.value)
