@@ -174,6 +174,7 @@ def hold_checkout(project: Project) -> None:
 def build(project: Project, target: Target) -> None:
     start = time.monotonic()
     hold_checkout(project)
+    resolve_first(project, target)
     try:
         planned = build_id(project, target, cache_of(project))
     except BuildError as err:
@@ -231,6 +232,17 @@ def outdated(project: Project, target: Target) -> int:
         print(f"hypersolid: {found} package(s) of the last build of {target.name} have newer versions; "
               f"`hypersolid build --refresh {target.name}` picks them up", file=sys.stderr)
     return FAILED if found else OK
+
+
+def resolve_first(project: Project, target: Target) -> None:
+    """The resolve tasks, quietly, before the build id is planned: the id is
+    a digest of the bootstrap key, which holds the resolved versions (a
+    no-op within index_max_age)."""
+    import io
+    tasks = [f"resolve:{subtask(target, a)}" for a in target.architectures
+             if STAGES["resolve"].applies(Unit(project, target, a, cache_of(project)))]
+    if tasks:
+        run_doit(project, tasks, out=io.StringIO())
 
 
 def sign(project: Project, target: Target) -> None:
