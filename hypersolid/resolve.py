@@ -17,7 +17,7 @@ import os
 import re
 import time
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from .cache import digest_file, digest_json
 from .config import DEBIAN_KEYRING
@@ -85,7 +85,7 @@ def _apt_conf(state: Path, arch: str, recommends: bool, proxy: str | None) -> st
              f'Dir::Cache "{s}/var/cache/apt/";', f'Dir::Log "{s}/var/log/apt/";',
              f'APT::Architecture "{arch}";', f'APT::Architectures {{ "{arch}"; }};',
              'APT::Sandbox::User "root";', 'Debug::NoLocking "true";', 'Acquire::Languages "none";',
-             'Acquire::GzipIndexes "false";',
+             'Acquire::GzipIndexes "false";',  # "true" recompresses to lz4, which Python cannot read
              f'APT::Install-Recommends "{"true" if recommends else "false"}";',
              f'Acquire::http::Proxy "{proxy}";' if proxy else 'Acquire::http::Proxy "DIRECT";']
     return "\n".join(lines) + "\n"
@@ -103,12 +103,30 @@ def prepare(state: Path, sections: list[dict], arch: str, keyring: str, proxy: s
     return conf
 
 
+def package_lists(lists: Path) -> list[Path]:
+    """apt's Packages lists, plain or compressed (GzipIndexes keeps them as fetched)."""
+    return sorted(p for p in lists.glob("*_Packages*") if re.search(r"_Packages(\.(xz|gz|bz2|lz4|zst))?$", p.name))
+
+
+def _plain_text(data: bytes) -> bytes:
+    import bz2
+    import gzip
+    import lzma
+    if data.startswith(b"\xfd7zXZ\x00"):
+        return lzma.decompress(data)
+    if data.startswith(b"\x1f\x8b"):
+        return gzip.decompress(data)
+    if data.startswith(b"BZh"):
+        return bz2.decompress(data)
+    return data
+
+
 def required_packages(lists: Path) -> set[str]:
     """Priority: required (and Essential packages without a priority) in the
     fetched Packages lists: what multistrap adds (get_required_debs)."""
     out: set[str] = set()
-    for path in lists.glob("*_Packages"):
-        for stanza in path.read_bytes().split(b"\n\n"):
+    for path in package_lists(lists):
+        for stanza in _plain_text(path.read_bytes()).split(b"\n\n"):
             if b"\nPriority: required" in stanza or (b"\nEssential: yes" in stanza and b"\nPriority:" not in stanza):
                 m = re.match(rb"Package: *(\S+)", stanza.lstrip(b"\n"))
                 if m:
@@ -126,7 +144,7 @@ def pool_hashes(lists: Path, sources: list[str]) -> dict[tuple[str, str], tuple[
     Packages lists (apt's --print-uris gives only MD5Sum)."""
     prefixes = sorted(((list_prefix(u), u.rstrip("/")) for u in sources), key=lambda p: len(p[0]), reverse=True)
     out: dict[tuple[str, str], tuple[int, str]] = {}
-    for path in sorted(lists.glob("*_Packages")):
+    for path in package_lists(lists):
         source = next((u for prefix, u in prefixes if path.name.startswith(prefix)), None)
         if source is not None:
             out.update({(source, name): v for name, v in parse_packages(path.read_bytes()).items()})
@@ -164,7 +182,8 @@ def resolve(cache_root: Path, sections: list[dict], names: list[str], arch: str,
     start = time.monotonic()
     update = run(["apt-get", "-q", "update", "-o", "APT::Update::Error-Mode=any"], log, env=env, check=False)
     if update.returncode != 0:
-        raise log.fail(f"apt-get update failed: {_apt_error(log, update.returncode)}")
+        unreachable = _unreachable(tail_of(log.path, 60), [s["source"] for s in sections], proxy)
+        raise log.fail(unreachable or f"apt-get update failed: {_apt_error(log, update.returncode)}")
     took_update = time.monotonic() - start
     wanted = sorted(required_packages(state / "var/lib/apt/lists") | set(names))
     plan = run(["apt-get", "-q", "-y", "--print-uris", "install", *wanted], log, env=env, check=False, capture=True)
@@ -185,3 +204,31 @@ def _apt_error(log: Log, status: int) -> str:
         if found:
             return found[0]
     return f"exit status {status}"
+
+
+FAILED_FETCH = re.compile(r"^E: Failed to fetch (\S+) +(.*)$")
+
+
+def _unreachable(lines: list[str], sources: list[str], proxy: str | None = None) -> str | None:
+    """'cannot reach the mirror URL: cause[; ...]' from apt's `Failed to
+    fetch` lines (the words DebProxy uses for the same failures), or None."""
+    found: dict[str, str] = {}
+    for line in lines:
+        m = FAILED_FETCH.match(line.strip())
+        if not m:
+            continue
+        url, why = m.groups()
+        source = next((u for u in sorted(sources, key=len, reverse=True) if url.startswith(u.rstrip("/") + "/")), url)
+        what = f"the mirror {source}"
+        if proxy and urlsplit(proxy).netloc and urlsplit(proxy).netloc.split(":")[0] in why:
+            what = f"the apt proxy {proxy}"
+        if "Connection refused" in why:
+            why = "connection refused"
+        elif "Could not resolve" in why or "Temporary failure resolving" in why:
+            why = f"DNS lookup failed ({why})"
+        elif "timed out" in why.lower():
+            why = "no answer (timed out)"
+        elif re.match(r"\d{3} ", why):
+            why = f"it answers {why}"
+        found.setdefault(what, why)
+    return "; ".join(f"cannot reach {u}: {w}" for u, w in found.items()) or None

@@ -243,9 +243,10 @@ def test_a_failing_stage_command_exits_1_with_stage_command_and_log(ws):
     assert result.status == 1
     message = result.err.strip()
     assert "\n" not in message
-    assert message.startswith("hypersolid: build broken: stage bootstrap:broken failed: command exited with status")
-    assert "; command: multistrap -f " in message
-    assert message.endswith("; log: build/broken/amd64/logs/bootstrap.log")
+    # the package set is resolved (apt) before anything is unpacked
+    assert message.startswith("hypersolid: build broken: stage resolve:broken failed: apt cannot resolve the "
+                              "package set: E: Unable to locate package hs-no-such-package")
+    assert message.endswith("; log: build/broken/amd64/logs/resolve.log")
     shutil.rmtree(ws.root / "targets/broken")
 
 

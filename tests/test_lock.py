@@ -13,6 +13,7 @@ import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -55,8 +56,8 @@ class Mirror:
         top = self.root / "debian"
         shutil.rmtree(top, ignore_errors=True)
         (top / "pool/main").mkdir(parents=True)
-        for deb in debs:
-            shutil.copy(deb, top / "pool/main" / deb.name)
+        for deb in debs:  # the store keeps apt's URL escaping (%2b); a pool has the plain names
+            shutil.copy(deb, top / "pool/main" / unquote(deb.name))
         index = top / "dists/bookworm/main/binary-amd64"
         index.mkdir(parents=True)
         (index / "Packages").write_bytes(subprocess.run(["apt-ftparchive", "packages", "pool"], cwd=top, check=True,

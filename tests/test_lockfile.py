@@ -168,3 +168,21 @@ def test_bad_lock_settings_are_one_error_naming_the_key(tmp_path, extra, key, me
     with pytest.raises(ConfigError) as err:
         _load(tmp_path, extra)
     assert err.value.key == key and message in str(err.value) and ":5:" in str(err.value)
+
+
+def test_apts_fetch_failures_are_named_per_mirror():
+    lines = ["E: Failed to fetch http://127.0.0.1:9/debian/dists/bookworm/InRelease  Could not connect to 127.0.0.1:9 "
+             "(127.0.0.1). - connect (111: Connection refused)",
+             "E: Failed to fetch http://x.invalid/debian/dists/bookworm/InRelease  Could not resolve 'x.invalid'",
+             "E: Some index files failed to download. They have been ignored, or old ones used instead."]
+    assert resolve._unreachable(lines, ["http://127.0.0.1:9/debian", "http://x.invalid/debian"]) == (
+        "cannot reach the mirror http://127.0.0.1:9/debian: connection refused; "
+        "cannot reach the mirror http://x.invalid/debian: DNS lookup failed (Could not resolve 'x.invalid')")
+    assert resolve._unreachable(["E: The repository 'x' is not signed."], []) is None
+
+
+def test_an_unreachable_apt_proxy_is_named_instead_of_the_mirror():
+    lines = ["E: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease  Could not connect to "
+             "10.9.9.9:3142 (10.9.9.9). - connect (111: Connection refused)"]
+    assert resolve._unreachable(lines, ["http://deb.debian.org/debian"], "http://10.9.9.9:3142") == \
+        "cannot reach the apt proxy http://10.9.9.9:3142: connection refused"
