@@ -192,6 +192,15 @@ def test_a_mirror_update_is_picked_up_after_the_window_and_not_within_it(world):
     again = p.doit("bootstrap:m", env=AFTER)  # re-resolved, same answer: the bootstrap stays
     assert "resolve:m" in again.executed and "bootstrap:m" in again.uptodate
 
+    mirror.stop()  # offline after the window: one warning, the last resolution
+    offline = p.doit("bootstrap:m", env=AFTER)
+    assert "bootstrap:m" in offline.uptodate
+    assert Outcome(offline.returncode, offline.output).line("warning: m/amd64: cannot check the mirror",
+                                                           f"cannot reach the mirror {mirror.url}: connection refused")
+    refresh = hypersolid(p, "build", "--refresh", "m")  # --refresh insists on asking
+    assert refresh.status == 1
+    refresh.line("hypersolid: build m: stage resolve:m failed: cannot reach the mirror")
+
 
 def test_a_locked_target_keeps_its_versions_and_lock_round_trips(world):
     mirror, old, new, p = world
