@@ -241,3 +241,12 @@ def test_a_lock_naming_a_version_nobody_has_is_one_error_line(world):
     assert result.status == 1
     line = result.line("hypersolid: build gone:", "netbase=9.9-1")  # the command's one line
     assert "packages-amd64.lock" in line and "neither in" in line and "404" in line
+
+
+def test_a_missing_lock_file_is_one_line_saying_how_to_write_it(world):
+    mirror, old, new, p = world
+    p.target("unlocked", target_text(mirror, "lock: packages-{arch}.lock\n"))
+    result = hypersolid(p, "build", "unlocked")
+    assert result.status == 1
+    result.line("hypersolid: build unlocked:", "targets/unlocked/packages-amd64.lock is missing",
+                "`hypersolid lock unlocked`")

@@ -151,6 +151,9 @@ class Bootstrap(Stage):
     def build(self, unit: Unit, out: Path, log: Log) -> None:
         hooks.checked(unit, "post-bootstrap", log)  # before minutes of work, not after
         source = lock_path(unit)
+        if not source.exists() and unit.target.lock:
+            raise log.fail(f"{os.path.relpath(source, unit.project.root)} is missing (lock: in target.yaml): "
+                           f"write it with `hypersolid lock {unit.target.name}`")
         try:
             entries = lockfile.read(source)
         except lockfile.LockError as err:
