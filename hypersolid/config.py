@@ -788,6 +788,9 @@ def _load_target(targets_dir: Path, name: str) -> Target:
                                   f"the targets it extends ({', '.join(order[:-1]) or 'none'}) set it "
                                   "(mark it `abstract: true` if it is only a base)")
     _check_users(targets_dir, order, v["users"])
+    if v["lock"] and "{arch}" not in v["lock"] and len(set(v["architectures"] or ())) > 1:
+        raise ConfigError(file, lines["lock"], "lock", f"one file for {len(set(v['architectures']))} "
+                          "architectures: put {arch} in the name (packages-{arch}.lock)")
     sections = tuple(
         Section(name=s["name"], packages=tuple(s["packages"]),
                 arch_packages=tuple(sorted((a, tuple(p)) for a, p in s["arch_packages"].items())),

@@ -597,7 +597,8 @@ def fetch_debs(store: Path, entries, *, upstream_proxy: str | None = None, log=N
         parts = urlsplit(entry.url)
         host = urlsplit(upstream_proxy).netloc if upstream_proxy else parts.netloc
         try:
-            conn = http.client.HTTPConnection(host, timeout=timeout)
+            tls = parts.scheme == "https" and not upstream_proxy
+            conn = (http.client.HTTPSConnection if tls else http.client.HTTPConnection)(host, timeout=timeout)
             conn.request("GET", entry.url if upstream_proxy else apt_quote(parts.path),
                          headers={"Host": parts.netloc, "User-Agent": "hypersolid-fetch"})
             resp = conn.getresponse()

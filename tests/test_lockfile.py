@@ -133,18 +133,18 @@ def test_the_store_layout_is_apts_url_escaping(tmp_path):
 
 # -- the settings ----------------------------------------------------------------
 
-def _load(tmp_path, extra: str):
+def _load(tmp_path, extra: str, arches: str = "[amd64]"):
     import textwrap
     from hypersolid.config import Project, clear_caches
     clear_caches()
     path = tmp_path / "targets/t/target.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent("""\
-        architectures: [amd64]
+        architectures: ARCHES
         suite: bookworm
         mirror: http://deb.debian.org/debian
         sections: [{name: debian, packages: [netbase]}]
-        """) + extra)
+        """).replace("ARCHES", arches) + extra)
     return Project(tmp_path).load("t")
 
 
@@ -186,3 +186,11 @@ def test_an_unreachable_apt_proxy_is_named_instead_of_the_mirror():
              "10.9.9.9:3142 (10.9.9.9). - connect (111: Connection refused)"]
     assert resolve._unreachable(lines, ["http://deb.debian.org/debian"], "http://10.9.9.9:3142") == \
         "cannot reach the apt proxy http://10.9.9.9:3142: connection refused"
+
+
+def test_one_lock_file_for_two_architectures_is_refused(tmp_path):
+    from hypersolid.config import ConfigError
+    with pytest.raises(ConfigError, match=r"target.yaml:5: lock: one file for 2 architectures: put \{arch\}"):
+        _load(tmp_path, "lock: packages.lock\n", "[amd64, arm64]")
+    assert _load(tmp_path, "lock: packages-{arch}.lock\n", "[amd64, arm64]").lock_file("arm64").name == \
+        "packages-arm64.lock"
