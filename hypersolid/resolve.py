@@ -190,7 +190,10 @@ def resolve(cache_root: Path, sections: list[dict], names: list[str], arch: str,
     if plan.returncode != 0:
         raise log.fail(f"apt cannot resolve the package set: {_apt_error(log, plan.returncode)}")
     urls = [s["source"] for s in sections]
-    entries = parse_uris(plan.stdout.decode(errors="replace"), urls, pool_hashes(state / "var/lib/apt/lists", urls))
+    try:
+        entries = parse_uris(plan.stdout.decode(errors="replace"), urls, pool_hashes(state / "var/lib/apt/lists", urls))
+    except BuildError as err:
+        raise log.fail(err.message) from None
     log.note(f"# resolved {len(entries)} packages: apt-get update {took_update:.1f}s, "
              f"plan {time.monotonic() - start - took_update:.1f}s")
     return entries

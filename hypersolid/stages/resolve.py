@@ -48,12 +48,7 @@ def source_urls(target: Target, arch: str) -> list[str]:
 
 @register
 class Resolve(Stage):
-    """Not cached: writes build/<t>/<arch>/resolved.lock, only when its
-    content changes (so the bootstrap, which depends on that file and has
-    its digest in its key, re-runs exactly when the mirror's answer
-    changed).  doit runs it when the last resolution (resolved.time) is
-    older than index_max_age, with --refresh, or when the sources changed;
-    a target with `lock:` has no resolve task."""
+    """See the module docstring."""
 
     name = "resolve"
     cached = False
@@ -73,6 +68,7 @@ class Resolve(Stage):
     def fresh(self, unit: Unit) -> list:
         """doit uptodate: the last resolution is young enough."""
         stamp, target = unit.build_dir / RESOLVED_TIME, real_target(unit.target)
+
         def check() -> bool:
             try:
                 return apt.is_fresh(stamp, apt.max_age(target))
@@ -89,7 +85,11 @@ class Resolve(Stage):
         except BuildError as err:
             if not dest.exists() or os.environ.get(apt.REFRESH_ENV):
                 raise
-            made = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(dest.stat().st_mtime))
+            try:
+                asked = float(stamp.read_text())
+            except (OSError, ValueError):
+                asked = dest.stat().st_mtime
+            made = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(asked))
             print(f"hypersolid: warning: {unit.target.name}/{unit.arch}: cannot check the mirror ({err.message}); "
                   f"building with the last resolution ({made})", file=sys.stderr)
             return
@@ -106,5 +106,4 @@ def resolve_now(unit: Unit, log: Log) -> list[lockfile.LockEntry]:
     target = unit.target
     sections = sections_for(target, unit.arch)
     names = [*(p for s in sections for p in s["packages"]), KEYRING]
-    return apt.resolve(unit.cache.root, sections, names, unit.arch, apt.keyring_of(target),
-                           target.apt_proxy, log)
+    return apt.resolve(unit.cache.root, sections, names, unit.arch, apt.keyring_of(target), target.apt_proxy, log)
