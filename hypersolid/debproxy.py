@@ -351,6 +351,14 @@ class DebProxy:
         keep = {k: resp.headers[k] for k in ("Content-Type", "Last-Modified") if resp.headers.get(k)}
         return resp.status, keep, body
 
+    def index(self) -> dict[str, tuple[int, str]]:
+        """Every pool path the Packages indexes apt fetched named
+        ('<host>/<base>/pool/...', decoded) -> (size, SHA256), once the
+        parses in progress are done."""
+        with self._parsed:
+            self._parsed.wait_for(lambda: self._parsing == 0, timeout=120)
+            return dict(self._index)
+
     def _expected(self, rel: str) -> tuple[int, str] | None:
         with self._parsed:
             if self._parsing:

@@ -4,6 +4,7 @@
     system-<arch>.img  and/or system-<arch>.cpio  (target.yaml `image:`; the
                                                    image with the build id appended)
     packages-<arch>.tsv                           (name, version, architecture)
+    packages-<arch>.lock                          (the exact .debs: see lockfile.py)
     build-<arch>.json                             (target, build id, keys)
     boot/                                         (Raspberry Pi targets: the boot
                                                    partition, see raspberrypi.py)
@@ -72,6 +73,7 @@ class Bootfiles(Stage):
             if image in wanted:
                 files[image_name(a, ext)] = ("squashfs", image_name(a))
         files[f"packages-{a}.tsv"] = ("squashfs", "packages.tsv")
+        files[f"packages-{a}.lock"] = ("bootstrap", "packages.lock")
         return files
 
     def computed(self, unit: Unit) -> dict:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import hooks
+from urllib.parse import urlsplit
+
+from .. import hooks, lockfile
 from ..config import Target
 from ..debproxy import DebProxy, host_apt_sources
-from ..dpkg import host_version
+from ..dpkg import host_version, read_status
 from ..run import BuildError, Log, run
 from . import Stage, Unit, register
 
@@ -61,6 +63,32 @@ def multistrap_ini(arch: str, directory: Path, sections: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def lock_of_tree(tree: Path, index: dict[str, tuple[int, str]], sources: list[str]) -> list[lockfile.LockEntry]:
+    """The lock entries of the packages in the tree's dpkg status: each
+    .deb's pool path and SHA256 from the Packages indexes apt fetched
+    (DebProxy.index: '<host><base>/pool/...' -> (size, sha256))."""
+    bases = []
+    for url in sources:
+        parts = urlsplit(url)
+        bases.append((f"{parts.netloc}{parts.path.rstrip('/')}/", url.rstrip("/")))
+    by_name = {}
+    for key, (_size, sha) in index.items():
+        by_name.setdefault(key.rsplit("/", 1)[-1], (key, sha))
+    out, missing = [], []
+    for r in read_status(tree):
+        name, version, arch = r.get("Package", ""), r.get("Version", ""), r.get("Architecture", "")
+        deb = f"{name}_{version.split(':', 1)[-1]}_{arch}.deb"
+        found = by_name.get(deb)
+        source = next(((prefix, url) for prefix, url in bases if found and found[0].startswith(prefix)), None)
+        if found is None or source is None:
+            missing.append(deb)
+            continue
+        out.append(lockfile.LockEntry(name, version, arch, found[1], found[0][len(source[0]):], source[1]))
+    if missing:
+        raise BuildError("bootstrap", f"no index entry for {len(missing)} installed package(s): {' '.join(missing[:5])}")
+    return sorted(out)
+
+
 @register
 class Bootstrap(Stage):
     name = "bootstrap"
@@ -92,6 +120,8 @@ class Bootstrap(Stage):
                 if unreachable is None:
                     raise
                 raise log.fail(unreachable) from None
+        lockfile.write(out / "packages.lock", lock_of_tree(tree, proxy.index(), source_urls(unit.target, unit.arch)),
+                       unit.target.name, unit.arch)
         stats = {"downloaded_bytes": proxy.downloaded, "downloaded_deb_bytes": proxy.downloaded_debs,
                  "reused_deb_bytes": proxy.served_from_cache}
         (out / "stats.json").write_text(json.dumps(stats))
