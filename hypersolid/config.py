@@ -380,6 +380,9 @@ SETTINGS = Record(
         consoles=Field(ListOf(Str(r"[A-Za-z0-9,]+", "a console such as ttyS1,115200")), ["tty0", "ttyS1,115200"]),
         config_txt=Field(ListOf(Str()), [], "union"),
     ), {}, "record"),
+    # Seconds since 1970 (UTC); null: the newest changelog date of the
+    # installed packages (epoch.py).  The squashfs format holds 32 bits.
+    source_date_epoch=Field(Optional(Int(0, 2**32 - 1))),
 )
 REQUIRED_TO_BUILD = ("architectures", "suite", "mirror", "sections")
 
@@ -520,6 +523,7 @@ class Target:
     rpi_dtbs: tuple[str, ...]            # non-empty: a Raspberry Pi target (dist/<t>/boot/)
     rpi_consoles: tuple[str, ...]
     rpi_config_txt: tuple[str, ...]
+    source_date_epoch: int | None = None  # None: from the packages' changelogs (epoch.py)
 
     def packages_for(self, arch: str) -> tuple[str, ...]:
         return tuple(p for s in self.sections for p in s.packages_for(arch))
@@ -791,6 +795,7 @@ def _load_target(targets_dir: Path, name: str) -> Target:
         rpi_dtbs=tuple(v["raspberrypi"]["dtbs"]),
         rpi_consoles=tuple(v["raspberrypi"]["consoles"]),
         rpi_config_txt=tuple(v["raspberrypi"]["config_txt"]),
+        source_date_epoch=v["source_date_epoch"],
     )
 
 

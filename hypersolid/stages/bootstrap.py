@@ -12,7 +12,7 @@ from pathlib import Path
 
 from urllib.parse import urlsplit
 
-from .. import hooks, lockfile
+from .. import epoch, hooks, lockfile
 from ..config import Target
 from ..debproxy import DebProxy, host_apt_sources
 from ..dpkg import host_version, read_status
@@ -95,6 +95,8 @@ class Bootstrap(Stage):
     doc = "multistrap: the target's packages unpacked into a tree (post-bootstrap hooks)"
     helpers = ("hypersolid.hooks",)
     reads = ("suite", "mirror", "security_mirror", "sections")  # sections: this architecture's view
+    reads += ("source_date_epoch",)  # epoch.write
+    helpers += ("hypersolid.epoch",)
     uses = ("apt_proxy", "hook_timeout")
 
     def computed(self, unit: Unit) -> dict:
@@ -128,4 +130,5 @@ class Bootstrap(Stage):
         log.note(f"# downloaded {proxy.downloaded} bytes, reused {proxy.served_from_cache} bytes of cached packages")
         for leftover in (tree / "var/cache/apt").glob("*.bin"):
             leftover.unlink()
-        hooks.run_on_host(unit, "post-bootstrap", log, {"HYPERSOLID_TREE": str(tree.resolve())})
+        sde = epoch.write(unit, tree, out, log)  # after multistrap, before the hooks
+        hooks.run_on_host(unit, "post-bootstrap", log, {"HYPERSOLID_TREE": str(tree.resolve()), **epoch.env(sde)})
