@@ -321,7 +321,8 @@ def temp_root() -> Path | None:
 
 def compare(a: str, b: str) -> list[ArchDiff]:
     pa, pb, kind = check_paths(a, b)
-    work = Path(tempfile.mkdtemp(prefix="diff-", dir=temp_root()))
+    # diff.<pid>.<random>: the cache's sweep removes it if this process is killed.
+    work = Path(tempfile.mkdtemp(prefix=f"diff.{os.getpid()}.", dir=temp_root()))
     try:
         log = Log(work / "diff.log", "diff")
         try:
