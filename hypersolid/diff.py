@@ -16,6 +16,7 @@ with identical bytes are not extracted at all.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -205,7 +206,13 @@ def _read(path: Path) -> str:
 def _same_bytes(a: Path, b: Path) -> bool:
     if a.stat().st_size != b.stat().st_size:
         return False
-    return digest_file(a) == digest_file(b)
+    return _digest(a.resolve()) == _digest(b.resolve())
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(path: Path) -> str:
+    """A dist image is compared twice (as the image, as a boot file): hashed once."""
+    return digest_file(path)
 
 
 # --- dist directories ---------------------------------------------------------------------
