@@ -9,10 +9,11 @@ on purpose: every mtime is clamped to the build's SOURCE_DATE_EPOCH, so one
 changed package would otherwise report every file; an image whose bytes
 differ only there still shows as "system-<arch>.img changed".
 
-The images are extracted with unsquashfs into a temporary directory (under
-the cache's tmp/ when there is a cache) and walked with lstat; only the
-regular files present in both with the same size are hashed.  Two images
-with identical bytes are not extracted at all.
+The images are mounted read-only (loop devices, in a private mount
+namespace; extracted with unsquashfs into a temporary directory under the
+cache's tmp/ where no loop device can be had) and walked with lstat; only
+the regular files present in both with the same size are hashed.  Two
+images with identical bytes are not opened at all.
 """
 from __future__ import annotations
 
@@ -22,12 +23,11 @@ import os
 import re
 import stat
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .cache import digest_file, remove_tree
-from .run import BuildError, Log, run
+from .run import BuildError, Log, isolated, run
 
 IDENTICAL, DIFFERENT, USAGE = 0, 1, 2
 STATUS_FILE = "var/lib/dpkg/status"
@@ -164,24 +164,33 @@ def tsv_packages(path: Path) -> dict[str, str]:
 
 # --- images -----------------------------------------------------------------------------
 
-def extract(image: Path, dest: Path, log: Log) -> None:
-    """The whole image, owners and modes kept (needs root, as builds do);
-    no xattrs: the temporary directory's filesystem may not take them."""
-    run(["unsquashfs", "-d", dest, "-no-progress", "-quiet", "-no-xattrs", "-processors", "1", image], log,
-        contain=False)
+def open_image(image: Path, dest: Path, log: Log) -> None:
+    """The image at dest: mounted read-only (a loop device; in the caller's
+    private mount namespace), else extracted whole (no loop device, as in
+    some containers).  Owners and modes as in the image either way (root
+    needed, as for builds); no xattrs."""
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        run(["mount", "-t", "squashfs", "-o", "loop,ro,nodev,nosuid", image, dest], log, contain=False)
+    except BuildError:
+        run(["unsquashfs", "-f", "-d", dest, "-no-progress", "-quiet", "-no-xattrs", image], log, contain=False)
 
 
 def diff_images(a: Path, b: Path, arch: str, work: Path, log: Log,
                 packages: tuple[dict, dict] | None = None) -> ArchDiff:
-    """Packages (from the images' dpkg status unless given) and files."""
-    result = ArchDiff(arch)
+    """Packages (from the images' dpkg status unless given) and files.  The
+    images are mounted in a forked child's private mount namespace: the
+    mounts (and their loop devices) go with it however it ends."""
     if _same_bytes(a, b):
-        if packages:
-            result.packages = diff_packages(*packages)
-        return result
+        return ArchDiff(arch, packages=diff_packages(*packages) if packages else [])
+    return isolated(_diff_opened, a, b, arch, work, log, packages)
+
+
+def _diff_opened(a: Path, b: Path, arch: str, work: Path, log: Log, packages) -> ArchDiff:
+    result = ArchDiff(arch)
     roots = work / f"{arch}-a", work / f"{arch}-b"
-    with ThreadPoolExecutor(2) as pool:  # two unsquashfs at once: each is mostly I/O
-        list(pool.map(lambda ir: extract(ir[0], ir[1], log), zip((a, b), roots)))
+    for image, root in zip((a, b), roots):
+        open_image(image, root, log)
     if packages is None:
         packages = tuple(status_packages(_read(r / STATUS_FILE)) for r in roots)
     result.packages = diff_packages(*packages)
@@ -191,8 +200,6 @@ def diff_images(a: Path, b: Path, arch: str, work: Path, log: Log,
         return digest_file(roots[0] / rel) == digest_file(roots[1] / rel)
 
     result.files = diff_entries(walk(roots[0]), walk(roots[1]), same_content)
-    for r in roots:
-        remove_tree(r)
     return result
 
 
