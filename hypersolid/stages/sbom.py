@@ -80,7 +80,11 @@ class Sbom(Stage):
             for f in (CDX, SPDX):
                 shutil.copyfile(memo / f, out / f)
         else:
-            cdx, spdx = generate(root, name, a, lockfile.read(lock), sde, content)
+            try:
+                cdx, spdx = generate(root, name, a, lockfile.read(lock), sde, content)
+            except Exception as err:  # a library's error: one line, with the log, not a traceback
+                log.note(f"# {type(err).__module__}.{type(err).__name__}: {err}")
+                raise log.fail(f"debsbom could not describe the image: {err}") from None
             with unit.cache.publish(MEMO, content, {"stage": MEMO, "target": name, "arch": a}) as work:
                 (work / CDX).write_text(cdx)
                 (work / SPDX).write_text(spdx)
