@@ -390,12 +390,15 @@ def parser() -> argparse.ArgumentParser:
         if name == "clean":
             v.add_argument("--cache", action="store_true",
                            help="also drop the target's cache entries (not those other targets share)")
+    add_diff_verb(verbs)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     install_signal_handlers()
+    if args.verb == "diff":
+        return run_diff(args)
     if getattr(args, "no_wait", False):
         os.environ[lock.NO_WAIT] = "1"
     if getattr(args, "refresh", False):
@@ -427,6 +430,28 @@ def main(argv: list[str] | None = None) -> int:
               "stopped and kept nothing half-built", file=sys.stderr)
         return interrupted_status(err)
     return OK
+
+
+# --- diff ------------------------------------------------------------------------------
+
+def add_diff_verb(verbs) -> None:
+    text = "what differs between two builds: packages, image files, boot files (exit 0 identical, 1 different)"
+    v = verbs.add_parser("diff", help=text, description=text)
+    v.add_argument("a", metavar="A", help="a dist directory (dist/T/) or a system image (system-<arch>.img)")
+    v.add_argument("b", metavar="B", help="the same kind as A")
+    v.add_argument("--json", action="store_true", help="the same report as JSON")
+
+
+def run_diff(args) -> int:
+    from . import diff
+    try:
+        return diff.main(args.a, args.b, args.json)
+    except diff.UsageError as err:
+        print(f"hypersolid: diff: {err}", file=sys.stderr)
+        return USAGE
+    except KeyboardInterrupt as err:
+        print(f"hypersolid: diff: {err or 'interrupted'}", file=sys.stderr)
+        return interrupted_status(err)
 
 
 if __name__ == "__main__":

@@ -412,6 +412,9 @@ SETTINGS = Record(
         consoles=Field(ListOf(Str(r"[A-Za-z0-9,]+", "a console such as ttyS1,115200")), ["tty0", "ttyS1,115200"]),
         config_txt=Field(ListOf(Str()), [], "union"),
     ), {}, "record"),
+    # Seconds since 1970 (UTC); null: the newest changelog date of the
+    # installed packages (epoch.py).  The squashfs format holds 32 bits.
+    source_date_epoch=Field(Optional(Int(0, 2**32 - 1))),
 )
 REQUIRED_TO_BUILD = ("architectures", "suite", "mirror", "sections")
 
@@ -558,6 +561,7 @@ class Target:
 
     def lock_file(self, arch: str) -> Path | None:
         return Path(self.lock.replace("{arch}", arch)) if self.lock else None
+    source_date_epoch: int | None = None  # None: from the packages' changelogs (epoch.py)
 
     def packages_for(self, arch: str) -> tuple[str, ...]:
         return tuple(p for s in self.sections for p in s.packages_for(arch))
@@ -835,6 +839,7 @@ def _load_target(targets_dir: Path, name: str) -> Target:
         lock=str(file.parent / v["lock"]) if v["lock"] else None,
         index_max_age=v["index_max_age"],
         apt_keyring=str(file.parent / v["apt_keyring"]) if v["apt_keyring"] else None,
+        source_date_epoch=v["source_date_epoch"],
     )
 
 

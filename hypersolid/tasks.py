@@ -23,7 +23,7 @@ from .qemu import MACHINES
 from .run import BuildError, Log, install_signal_handlers, run
 from .stages import STAGES, Unit, default_cache_dir, execute, no_space
 
-ORDER = ("rootfs", "resolve", "bootstrap", "configure", "squashfs", "initramfs", "bootfiles")
+ORDER = ("rootfs", "resolve", "bootstrap", "configure", "squashfs", "initramfs", "sbom", "bootfiles")
 DEP_FILE = "build/doit.sqlite3"
 
 
@@ -177,6 +177,10 @@ def task_squashfs():
 
 def task_initramfs():
     yield from _tasks("initramfs")
+
+
+def task_sbom():
+    yield from _tasks("sbom")
 
 
 def task_bootfiles():

@@ -133,7 +133,7 @@ def test_each_hook_is_an_input_of_its_own_stage_only(ws):
         assert ws.hypersolid("build", "child").executed == {"bootfiles:child"}
         post_configure.write_text(originals[post_configure] + "# edited\n")
         # squashfs runs the post-configure hooks; configure is left alone
-        assert ws.hypersolid("build", "child").executed == {"squashfs:child", "bootfiles:child"}
+        assert ws.hypersolid("build", "child").executed == {"squashfs:child", "sbom:child", "bootfiles:child"}
     finally:
         for path, text in originals.items():
             path.write_text(text)

@@ -348,7 +348,7 @@ def register(stage_cls: type[Stage]) -> type[Stage]:
 
 
 def _load_all() -> None:
-    from . import bootfiles, bootstrap, configure, initramfs, resolve, rootfs, squashfs  # noqa: F401  (register themselves)
+    from . import bootfiles, bootstrap, configure, initramfs, resolve, rootfs, sbom, squashfs  # noqa: F401  (register themselves)
 
 
 _load_all()

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .. import hooks, lockfile
+from .. import epoch, hooks, lockfile
 from ..cache import digest_json, remove_tree
 from ..debproxy import MissingDebs, fetch_debs
 from ..dpkg import host_version, read_status
@@ -132,8 +132,8 @@ def _check_tree(tree: Path, entries: list[lockfile.LockEntry], log: Log) -> None
 class Bootstrap(Stage):
     name = "bootstrap"
     doc = "multistrap: exactly the resolved (or locked) .debs unpacked into a tree (post-bootstrap hooks)"
-    helpers = ("hypersolid.hooks", "hypersolid.lockfile")
-    reads = ()  # the package set is the lock file's content (input_files)
+    helpers = ("hypersolid.hooks", "hypersolid.lockfile", "hypersolid.epoch")
+    reads = ("source_date_epoch",)  # the package set is the lock file's content (input_files)
     uses = ("apt_proxy", "hook_timeout", "lock")
 
     def computed(self, unit: Unit) -> dict:
@@ -190,4 +190,5 @@ class Bootstrap(Stage):
             leftover.unlink()
         for leftover in (tree / "etc/apt/sources.list.d").glob("multistrap-*.list"):
             leftover.unlink()  # the loopback repository: gone with this build
-        hooks.run_on_host(unit, "post-bootstrap", log, {"HYPERSOLID_TREE": str(tree.resolve())})
+        sde = epoch.write(unit, tree, out, log)  # after multistrap, before the hooks
+        hooks.run_on_host(unit, "post-bootstrap", log, {"HYPERSOLID_TREE": str(tree.resolve()), **epoch.env(sde)})
