@@ -568,16 +568,18 @@ class MissingDebs(Exception):
 
 
 def fetch_debs(store: Path, entries, *, upstream_proxy: str | None = None, log=None, timeout: float = 60.0,
-               jobs: int = 4) -> dict:
+               jobs: int = 4, stats: dict | None = None) -> dict:
     """entry -> verified local file of every lock entry: from the store when
     its SHA256 matches, else downloaded from entry.url (through the apt
     proxy if there is one), checked and stored atomically.  Raises
     MissingDebs naming every entry that could not be had (one line), so a
-    lock never silently installs anything else."""
+    lock never silently installs anything else.  `stats`, when given, gets
+    the bytes "downloaded" and "reused"."""
     from concurrent.futures import ThreadPoolExecutor
 
     store = Path(store)
-    stats = {"downloaded": 0, "reused": 0}
+    stats = {} if stats is None else stats
+    stats.update(downloaded=0, reused=0)
     lock = threading.Lock()
 
     def one(entry):
@@ -631,5 +633,4 @@ def fetch_debs(store: Path, entries, *, upstream_proxy: str | None = None, log=N
                           + (" ..." if len(missing) > 20 else "") + f" ({'; '.join(list(causes)[:3])})")
     if log:
         log.note(f"# .debs: {stats['reused']} bytes from {store}, {stats['downloaded']} bytes downloaded")
-    fetch_debs.last_stats = stats
     return {e: path for e, path, _ in results}

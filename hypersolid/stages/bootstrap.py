@@ -162,7 +162,9 @@ class Bootstrap(Stage):
         if wrong:
             raise log.fail(f"{source}: {wrong[0].package} is locked for {wrong[0].architecture}, not {unit.arch}")
         try:
-            debs = fetch_debs(unit.cache.root / "debs", entries, upstream_proxy=unit.target.apt_proxy, log=log)
+            stats: dict = {}
+            debs = fetch_debs(unit.cache.root / "debs", entries, upstream_proxy=unit.target.apt_proxy, log=log,
+                              stats=stats)
         except MissingDebs as err:
             raise log.fail(f"{os.path.relpath(source, unit.project.root)}: {err}") from None
         tree, repo = out / "tree", out / "repo"
@@ -182,7 +184,6 @@ class Bootstrap(Stage):
             insecure.unlink(missing_ok=True)
         _check_tree(tree, entries, log)
         lockfile.write(out / "packages.lock", entries, unit.target.name, unit.arch)
-        stats = fetch_debs.last_stats
         (out / "stats.json").write_text(json.dumps({"downloaded_deb_bytes": stats["downloaded"],
                                                     "reused_deb_bytes": stats["reused"]}))
         log.note(f"# downloaded {stats['downloaded']} bytes, reused {stats['reused']} bytes of cached packages")
