@@ -98,8 +98,8 @@ def reproduce(target: str, first: Path, scratch: Path, keep: bool) -> tuple[bool
         shutil.rmtree(scratch / "elsewhere", ignore_errors=True)
     if not differ:
         return True, None, seconds
-    name = differ[0].split(" ")[0]
-    return False, first_difference(a / name, b / name) or differ[0], seconds
+    found = first_difference(a, b)
+    return False, f"{differ[0]}: {found}" if found else differ[0], seconds
 
 
 def changed_packages(a: Path, b: Path) -> str:
@@ -109,14 +109,18 @@ def changed_packages(a: Path, b: Path) -> str:
 
 
 def first_difference(a: Path, b: Path) -> str | None:
-    """`hypersolid diff`'s first line of change when the command exists."""
+    """The first change `hypersolid diff` reports between two dist directories."""
     proc = subprocess.run([sys.executable, "-m", "hypersolid.cli", "diff", str(a), str(b)],
                           env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
     if proc.returncode != 1:  # 2: a usage error, or no diff verb in this version
         return None
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    return f"{a.name}: {lines[0].strip()}" if lines else None
+    header = ""
+    for line in proc.stdout.splitlines():  # a header per group, then indented changes
+        if line.startswith("  ") and not line.startswith("  ="):  # "=": unchanged
+            return f"{header} {line.strip()}".strip()
+        header = line.strip()
+    return header or None
 
 
 def measure(target: str, args, scratch: Path) -> dict:
