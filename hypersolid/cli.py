@@ -179,7 +179,7 @@ def build(project: Project, target: Target) -> None:
     except BuildError as err:
         raise Failure(str(err), USAGE) from None
     workspace_hook(project, target, "pre-build", planned)
-    run_doit(project, [f"bootfiles:{subtask(target, a)}" for a in target.architectures])
+    run_doit(project, [f"bootfiles:{subtask(target, a)}" for a in target.architectures] + disk_tasks(project, target))
     build = built_id(project, target)
     workspace_hook(project, target, "post-build", build)
     dist = dist_dir(project, target)
@@ -190,6 +190,15 @@ def build(project: Project, target: Target) -> None:
             continue
         size = f.stat().st_size if f.is_file() else sum(p.stat().st_size for p in f.rglob("*") if p.is_file())
         print(f"  {f.name + ('/' if f.is_dir() else ''):<28} {size / 1e6:10.1f} MB")
+
+
+def disk_tasks(project: Project, target: Target) -> list[str]:
+    """disk:<target> too when target.yaml says disk: {build: true}."""
+    if not target.disk_build:
+        return []
+    from .stages import STAGES, Unit
+    return [f"disk:{subtask(target, a)}" for a in target.architectures
+            if STAGES["disk"].applies(Unit(project, target, a, cache_of(project)))]
 
 
 def sign(project: Project, target: Target) -> None:

@@ -346,6 +346,36 @@ class ImageSources:
         return [_with_defaults(APT_SOURCE, e) for e in ListOf(APT_SOURCE).check(file, node, key)]
 
 
+SIZE_RE = r"[1-9][0-9]*[MG]"
+
+
+class DiskLayout(Record):
+    """`disk:` the flashable image's layout (stages/disk.py); sizes in MiB (M) or GiB (G)."""
+
+    def check(self, file, node, key):
+        out = super().check(file, node, key)
+        if out.get("storage_size") == "rest" and out.get("size") == "minimal":
+            line = {name: knode for knode, name, _ in _pairs(file, node, key)}["storage_size"]
+            _fail(file, line, _join(key, "storage_size"),
+                  "rest needs a total size (size: minimal leaves no rest): give size: e.g. 4G")
+        return out
+
+
+DISK = DiskLayout(
+    build=Field(Bool(), False),
+    size=Field(Str(f"minimal|{SIZE_RE}", "minimal or a size such as 4G or 3500M"), "minimal"),
+    boot_size=Field(Str(SIZE_RE, "a size such as 256M"), "256M"),
+    system_size=Field(Str(f"auto|{SIZE_RE}", "auto or a size such as 1G"), "auto"),
+    storage_size=Field(Str(f"none|rest|{SIZE_RE}", "none, rest or a size such as 1G"), "none"),
+    power_of_two=Field(Optional(Bool())),
+)
+
+
+def size_mib(value: str) -> int:
+    """'256M' -> 256, '2G' -> 2048 (values DISK accepted)."""
+    return int(value[:-1]) * (1024 if value.endswith("G") else 1)
+
+
 SETTINGS = Record(
     extends=Field(ListOf(Str(r"(?!\.\.?$)[A-Za-z0-9_.\-]+", "a target name"), single_ok=True), [], "own"),
     abstract=Field(Bool(), False, "own"),
@@ -380,6 +410,7 @@ SETTINGS = Record(
         consoles=Field(ListOf(Str(r"[A-Za-z0-9,]+", "a console such as ttyS1,115200")), ["tty0", "ttyS1,115200"]),
         config_txt=Field(ListOf(Str()), [], "union"),
     ), {}, "record"),
+    disk=Field(DISK, {}, "record"),
 )
 REQUIRED_TO_BUILD = ("architectures", "suite", "mirror", "sections")
 
@@ -520,6 +551,13 @@ class Target:
     rpi_dtbs: tuple[str, ...]            # non-empty: a Raspberry Pi target (dist/<t>/boot/)
     rpi_consoles: tuple[str, ...]
     rpi_config_txt: tuple[str, ...]
+    # disk: (stages/disk.py); power_of_two None in target.yaml: true on Pi targets (QEMU's SD model)
+    disk_build: bool = False
+    disk_size: str = "minimal"
+    disk_boot_size: str = "256M"
+    disk_system_size: str = "auto"
+    disk_storage_size: str = "none"
+    disk_power_of_two: bool = False
 
     def packages_for(self, arch: str) -> tuple[str, ...]:
         return tuple(p for s in self.sections for p in s.packages_for(arch))
@@ -791,6 +829,10 @@ def _load_target(targets_dir: Path, name: str) -> Target:
         rpi_dtbs=tuple(v["raspberrypi"]["dtbs"]),
         rpi_consoles=tuple(v["raspberrypi"]["consoles"]),
         rpi_config_txt=tuple(v["raspberrypi"]["config_txt"]),
+        disk_build=v["disk"]["build"], disk_size=v["disk"]["size"], disk_boot_size=v["disk"]["boot_size"],
+        disk_system_size=v["disk"]["system_size"], disk_storage_size=v["disk"]["storage_size"],
+        disk_power_of_two=(bool(v["raspberrypi"]["dtbs"]) if v["disk"]["power_of_two"] is None
+                           else v["disk"]["power_of_two"]),
     )
 
 
