@@ -159,7 +159,8 @@ def _stamp(tree: Path, when: int) -> None:
 
 def make_vfat(dest: Path, part: Partition, files: Path, build: str, log: Log, env: dict) -> None:
     """A FAT32 file system in a file, filled with mtools (no mount)."""
-    run(["mkfs.vfat", "-C", "-F", "32", "-n", part.label, "-i", ids(build, "vfat").hex[:8], "--invariant",
+    # --invariant first: it also sets a fixed volume id, which -i then replaces
+    run(["mkfs.vfat", "-C", "-F", "32", "-n", part.label, "--invariant", "-i", ids(build, "vfat").hex[:8],
          dest, str(part.size * 1024)], log, env=env)
     names = sorted(p.name for p in files.iterdir())
     if names:
