@@ -349,19 +349,8 @@ class ImageSources:
 SIZE_RE = r"[1-9][0-9]*[MG]"
 
 
-class DiskLayout(Record):
-    """`disk:` the flashable image's layout (stages/disk.py); sizes in MiB (M) or GiB (G)."""
-
-    def check(self, file, node, key):
-        out = super().check(file, node, key)
-        if out.get("storage_size") == "rest" and out.get("size") == "minimal":
-            line = {name: knode for knode, name, _ in _pairs(file, node, key)}["storage_size"]
-            _fail(file, line, _join(key, "storage_size"),
-                  "rest needs a total size (size: minimal leaves no rest): give size: e.g. 4G")
-        return out
-
-
-DISK = DiskLayout(
+# `disk:` the flashable image's layout (stages/disk.py); sizes in MiB (M) or GiB (G).
+DISK = Record(
     build=Field(Bool(), False),
     size=Field(Str(f"minimal|{SIZE_RE}", "minimal or a size such as 4G or 3500M"), "minimal"),
     boot_size=Field(Str(SIZE_RE, "a size such as 256M"), "256M"),
@@ -788,6 +777,9 @@ def _load_target(targets_dir: Path, name: str) -> Target:
                                   f"the targets it extends ({', '.join(order[:-1]) or 'none'}) set it "
                                   "(mark it `abstract: true` if it is only a base)")
     _check_users(targets_dir, order, v["users"])
+    if v["disk"]["storage_size"] == "rest" and v["disk"]["size"] == "minimal":
+        raise ConfigError(file, lines.get("disk", 1), "disk.storage_size",
+                          "rest needs a total size (size: minimal leaves no rest): give disk.size, e.g. 4G")
     sections = tuple(
         Section(name=s["name"], packages=tuple(s["packages"]),
                 arch_packages=tuple(sorted((a, tuple(p)) for a, p in s["arch_packages"].items())),
