@@ -273,3 +273,23 @@ def test_flash_writes_the_image_to_a_loop_device_byte_for_byte(disk_project, tmp
         assert refused.returncode == 2 and "not a block device" in refused.stdout
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.fixture(scope="session")
+def arm64_project(disk_project) -> TestProject:
+    disk_project.doit("disk:qemu-arm64", timeout=3600)
+    return disk_project
+
+
+@pytest.mark.integration
+@pytest.mark.boot
+@pytest.mark.foreign
+def test_arm64_uefi_disk_boots_with_aavmf_to_a_login_prompt_on_an_overlay_root(arm64_project, tmp_path):
+    t = Project(arm64_project.root).load("qemu-arm64")
+    log = Log(tmp_path / "boot.log", "test")
+    entry = fat_text(arm64_project.root / "dist/qemu-arm64/disk-arm64.img", "loader/entries/hypersolid.conf")
+    assert "console=tty0 console=ttyAMA0" in entry
+    with disk_machine(arm64_project.root / "dist/qemu-arm64", t, "arm64", tmp_path, log,
+                      log_path=tmp_path / "console.log") as vm:
+        vm.expect(r"hypersolid: / is overlay of \S*/system-arm64.img", timeout=900)
+        vm.expect(r"login:", timeout=900)
