@@ -28,10 +28,14 @@ UEFI_MACHINES = {
     "amd64": ["qemu-system-x86_64", "-machine", "q35"],
     "arm64": ["qemu-system-aarch64", "-machine", "virt", "-cpu", "cortex-a57"],
 }
-# Boards qemu models, by the device tree the target ships: (machine argv, memory MiB, console serial index)
+# Boards qemu models, by the device tree the target ships: (machine argv, memory MiB,
+# console serial index, extra kernel parameters for qemu only).  QEMU 7.2's raspi0 does
+# not model the BCM2835 power-management block: Debian's linux-image-rpi faults in
+# bcm2835_power_probe (kernel panic at ~2 s) unless that driver's init is skipped.
 PI_MACHINES = {
-    "bcm2837-rpi-3-b.dtb": (["qemu-system-aarch64", "-machine", "raspi3b"], 1024, 1),
-    "bcm2835-rpi-zero-w.dtb": (["qemu-system-arm", "-machine", "raspi0"], 512, 1),
+    "bcm2837-rpi-3-b.dtb": (["qemu-system-aarch64", "-machine", "raspi3b"], 1024, 1, ""),
+    "bcm2835-rpi-zero-w.dtb": (["qemu-system-arm", "-machine", "raspi0"], 512, 1,
+                               "initcall_blacklist=bcm2835_pm_driver_init"),
 }
 
 
@@ -58,7 +62,7 @@ def pi_machine(image: Path, dtbs, work: Path, log: Log, log_path: Path | None = 
     if dtb is None:
         raise FileNotFoundError(f"qemu models none of these boards: {', '.join(dtbs)} "
                                 f"(known: {', '.join(PI_MACHINES)})")
-    machine, memory, serial = PI_MACHINES[dtb]
+    machine, memory, serial, qemu_only = PI_MACHINES[dtb]
     work.mkdir(parents=True, exist_ok=True)
     config = fat_read(image, "config.txt", work / "config.txt", log).read_text()
     settings = dict(line.split("=", 1) for line in config.splitlines() if "=" in line and not line.startswith("#"))
@@ -67,6 +71,7 @@ def pi_machine(image: Path, dtbs, work: Path, log: Log, log_path: Path | None = 
     initramfs = fat_read(image, initrd, work / "initramfs.img", log)
     dtb_file = fat_read(image, dtb, work / dtb, log)
     append = fat_read(image, "cmdline.txt", work / "cmdline.txt", log).read_text().strip()
+    append = f"{append} {qemu_only}".strip()
     return Qemu(kernel, initramfs, append, arch="arm64", memory=memory, smp=None, machine=machine,
                 serial_index=serial, log_path=log_path,
                 extra=["-dtb", str(dtb_file), "-drive", f"if=sd,format=raw,snapshot=on,file={image}"])

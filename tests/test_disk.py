@@ -206,8 +206,11 @@ def test_disk_image_is_the_same_bytes_when_built_again(disk_project):
 
 @pytest.mark.integration
 @pytest.mark.foreign
-def test_pi_disk_layout_has_everything_config_txt_names(rpi3_project):
-    img = rpi3_project.root / "dist/rpi3/disk-arm64.img"
+@pytest.mark.parametrize("target,arch", [("rpi3", "arm64"), ("rpi4", "arm64"), ("rpi-zero-w", "armel")])
+def test_pi_disk_layout_has_everything_config_txt_names(rpi3_project, target, arch):
+    if target != "rpi3":
+        rpi3_project.doit(f"disk:{target}", timeout=3600)
+    img = rpi3_project.root / f"dist/{target}/disk-{arch}.img"
     table = json.loads(subprocess.run(["sfdisk", "--json", img], check=True, stdout=subprocess.PIPE).stdout)
     table = table["partitiontable"]
     assert table["label"] == "dos" and [p["type"] for p in table["partitions"]] == ["c", "83"]
@@ -215,12 +218,12 @@ def test_pi_disk_layout_has_everything_config_txt_names(rpi3_project):
     size = img.stat().st_size
     assert size & (size - 1) == 0, f"{size} is not a power of two (QEMU's SD model needs one)"
     files = fat_files(img)
-    assert sorted(files) == sorted(p.name for p in (rpi3_project.root / "dist/rpi3/boot").iterdir())
+    assert sorted(files) == sorted(p.name for p in (rpi3_project.root / f"dist/{target}/boot").iterdir())
     config = fat_text(img, "config.txt")
     named = re.findall(r"^(?:kernel|device_tree)=(\S+)", config, re.M) + \
         re.findall(r"^initramfs (\S+)", config, re.M)
     assert len(named) == 3 and all(n in files for n in named), (named, sorted(files))
-    assert "bootcode.bin" in files and "bcm2837-rpi-3-b.dtb" in files
+    assert "bootcode.bin" in files and Project(REPO).load(target).rpi_dtbs[0] in files
     blkid = subprocess.run(["blkid", "-p", "-O", str(table["partitions"][1]["start"] * 512), "-s", "LABEL",
                             "-o", "value", img], stdout=subprocess.PIPE, text=True).stdout.strip()
     assert blkid == "hs-system"
@@ -293,3 +296,17 @@ def test_arm64_uefi_disk_boots_with_aavmf_to_a_login_prompt_on_an_overlay_root(a
                       log_path=tmp_path / "console.log") as vm:
         vm.expect(r"hypersolid: / is overlay of \S*/system-arm64.img", timeout=900)
         vm.expect(r"login:", timeout=900)
+
+
+@pytest.mark.integration
+@pytest.mark.boot
+@pytest.mark.foreign
+def test_rpi_zero_w_sd_card_boots_in_qemu_raspi0_to_an_overlay_root(rpi3_project, tmp_path):
+    rpi3_project.doit("disk:rpi-zero-w", timeout=3600)
+    t = Project(rpi3_project.root).load("rpi-zero-w")
+    log = Log(tmp_path / "boot.log", "test")
+    with disk_machine(rpi3_project.root / "dist/rpi-zero-w", t, "armel", tmp_path, log,
+                      log_path=tmp_path / "console.log") as vm:
+        assert "initcall_blacklist=bcm2835_pm_driver_init" in vm.append  # qemu only, not on the card
+        vm.expect(r"hypersolid: / is overlay of \S*/system-armel.img", timeout=600)
+        vm.expect(r"Multi-User System|login:", timeout=1200)
