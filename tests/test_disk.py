@@ -193,15 +193,25 @@ def test_uefi_disk_layout_holds_systemd_boot_kernel_and_entry(disk_project):
     assert (img.with_suffix(".bmap")).read_text().startswith("<?xml")
 
 
-@pytest.mark.integration
-def test_disk_image_is_the_same_bytes_when_built_again(disk_project):
-    dist = disk_project.root / "dist/qemu-amd64"
-    first = {n: digest(dist / n) for n in ("disk-amd64.img", "disk-amd64.bmap")}
+def rebuilt_the_same(project: TestProject, target: str, arch: str) -> None:
+    dist = project.root / "dist" / target
+    first = {n: digest(dist / n) for n in (f"disk-{arch}.img", f"disk-{arch}.bmap")}
     for n in first:
         (dist / n).unlink()
-    result = disk_project.doit("disk:qemu-amd64")
-    assert "disk:qemu-amd64" in result.executed
+    result = project.doit(f"disk:{target}")
+    assert f"disk:{target}" in result.executed
     assert {n: digest(dist / n) for n in first} == first
+
+
+@pytest.mark.integration
+def test_disk_image_is_the_same_bytes_when_built_again(disk_project):
+    rebuilt_the_same(disk_project, "qemu-amd64", "amd64")
+
+
+@pytest.mark.integration
+@pytest.mark.foreign
+def test_pi_sd_card_image_is_the_same_bytes_when_built_again(rpi3_project):
+    rebuilt_the_same(rpi3_project, "rpi3", "arm64")
 
 
 @pytest.mark.integration
