@@ -9,7 +9,7 @@
 set -eu
 cd "$(dirname "$0")"
 
-APT_PACKAGES="multistrap squashfs-tools systemd-container binfmt-support qemu-user-static
+APT_PACKAGES="multistrap apt-utils squashfs-tools systemd-container binfmt-support qemu-user-static
 cpio util-linux fdisk e2fsprogs qemu-system-x86 qemu-system-arm python3 python3-venv
 dosfstools mtools bmap-tools zstd ovmf qemu-efi-aarch64"
 

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, hooks, lock, report
+from . import __version__, hooks, lock, lockfile, report
 from .cache import Cache, remove_tree
 from .config import ConfigError, Project, Target
 from .container import emulated, ensure_binfmt, run_in
@@ -174,6 +174,7 @@ def hold_checkout(project: Project) -> None:
 def build(project: Project, target: Target) -> None:
     start = time.monotonic()
     hold_checkout(project)
+    resolve_first(project, target)
     try:
         planned = build_id(project, target, cache_of(project))
     except BuildError as err:
@@ -199,6 +200,56 @@ def disk_tasks(project: Project, target: Target) -> list[str]:
     from .stages import STAGES, Unit
     return [f"disk:{subtask(target, a)}" for a in target.architectures
             if STAGES["disk"].applies(Unit(project, target, a, cache_of(project)))]
+def lock_versions(project: Project, target: Target) -> None:
+    """Write TARGET's lock file(s) from a fresh resolution of its mirror."""
+    from . import versions
+    for arch in target.architectures:
+        try:
+            path, named, count, changed = versions.write_lock(Unit(project, target, arch, cache_of(project)))
+        except BuildError as err:
+            raise Failure(str(err), FAILED) from None
+        print(f"hypersolid: wrote {os.path.relpath(path)} ({count} packages, {changed} lines changed)")
+        if not named:
+            print(f"  add `lock: packages-{{arch}}.lock` to {os.path.relpath(target.file)} to build from it")
+
+
+def outdated(project: Project, target: Target) -> int:
+    """The packages of the last build the mirror has newer versions of; 1 if any."""
+    from . import versions
+    found = 0
+    for arch in target.architectures:
+        unit = Unit(project, target, arch, cache_of(project))
+        last = versions.last_build_lock(unit)
+        if last is None:
+            raise Failure(f"no build of {target.name}/{arch} yet (no dist/{target.name}/packages-{arch}.lock): "
+                          f"build it first", USAGE)
+        try:
+            entries = lockfile.read(last)
+        except lockfile.LockError as err:
+            raise Failure(str(err), USAGE) from None
+        try:
+            newer = versions.outdated(unit, entries)
+        except BuildError as err:
+            raise Failure(str(err), FAILED) from None
+        for old, new, security in newer:
+            print(f"{old.package}:{old.architecture} {old.version} -> {new.version}"
+                  + ("  (security)" if security else ""))
+        found += len(newer)
+    if found:
+        print(f"hypersolid: {found} package(s) of the last build of {target.name} have newer versions; "
+              f"`hypersolid build --refresh {target.name}` picks them up", file=sys.stderr)
+    return FAILED if found else OK
+
+
+def resolve_first(project: Project, target: Target) -> None:
+    """The resolve tasks, quietly, before the build id is planned: the id is
+    a digest of the bootstrap key, which holds the resolved versions (a
+    no-op within index_max_age)."""
+    import io
+    tasks = [f"resolve:{subtask(target, a)}" for a in target.architectures
+             if STAGES["resolve"].applies(Unit(project, target, a, cache_of(project)))]
+    if tasks:
+        run_doit(project, tasks, out=io.StringIO())
 
 
 def sign(project: Project, target: Target) -> None:
@@ -329,7 +380,10 @@ def parser() -> argparse.ArgumentParser:
             ("update", "the same as build-deploy"),
             ("attach", "a shell in TARGET's configured tree (container; emulated if foreign); "
                        "changes are discarded"),
-            ("clean", "remove dist/TARGET/; with --cache also TARGET's cache entries")):
+            ("clean", "remove dist/TARGET/; with --cache also TARGET's cache entries"),
+            ("lock", "write TARGET's lock file (packages-<arch>.lock) from a fresh resolution of its mirror"),
+            ("outdated", "list the packages of TARGET's last build that have newer versions on the mirror "
+                         "(security first); exit 1 if any")):
         v = verbs.add_parser(name, help=text, description=text)
         v.add_argument("target", metavar="TARGET")
         if name == "attach":
@@ -337,6 +391,9 @@ def parser() -> argparse.ArgumentParser:
         if name in ("build", "build-deploy", "update", "attach"):
             v.add_argument("--no-wait", action="store_true",
                            help="fail at once if another build runs in this checkout (default: wait)")
+        if name in ("build", "build-deploy", "update"):
+            v.add_argument("--refresh", action="store_true",
+                           help="ask the mirror for new package versions now, whatever index_max_age says")
         if name == "clean":
             v.add_argument("--cache", action="store_true",
                            help="also drop the target's cache entries (not those other targets share)")
@@ -346,6 +403,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("device", metavar="DEVICE", help="a whole disk: /dev/sdX, /dev/mmcblkN")
     f.add_argument("--arch", help="which architecture's image (default: the target's first)")
     f.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    add_diff_verb(verbs)
     return p
 
 
@@ -374,8 +432,13 @@ def flash(project: Project, target: Target, device: str, arch: str | None, yes: 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     install_signal_handlers()
+    if args.verb == "diff":
+        return run_diff(args)
     if getattr(args, "no_wait", False):
         os.environ[lock.NO_WAIT] = "1"
+    if getattr(args, "refresh", False):
+        from .resolve import REFRESH_ENV
+        os.environ[REFRESH_ENV] = "1"
     try:
         project, target = resolve(args.target, args.workspace)
         if args.verb == "build":
@@ -392,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
             clean(project, target, args.cache)
         elif args.verb == "flash":
             flash(project, target, args.device, args.arch, args.yes)
+        elif args.verb == "lock":
+            lock_versions(project, target)
+        elif args.verb == "outdated":
+            return outdated(project, target)
     except Failure as err:
         print(f"hypersolid: {args.verb} {args.target}: {err}", file=sys.stderr)
         return err.status
@@ -400,6 +467,28 @@ def main(argv: list[str] | None = None) -> int:
               "stopped and kept nothing half-built", file=sys.stderr)
         return interrupted_status(err)
     return OK
+
+
+# --- diff ------------------------------------------------------------------------------
+
+def add_diff_verb(verbs) -> None:
+    text = "what differs between two builds: packages, image files, boot files (exit 0 identical, 1 different)"
+    v = verbs.add_parser("diff", help=text, description=text)
+    v.add_argument("a", metavar="A", help="a dist directory (dist/T/) or a system image (system-<arch>.img)")
+    v.add_argument("b", metavar="B", help="the same kind as A")
+    v.add_argument("--json", action="store_true", help="the same report as JSON")
+
+
+def run_diff(args) -> int:
+    from . import diff
+    try:
+        return diff.main(args.a, args.b, args.json)
+    except diff.UsageError as err:
+        print(f"hypersolid: diff: {err}", file=sys.stderr)
+        return USAGE
+    except KeyboardInterrupt as err:
+        print(f"hypersolid: diff: {err or 'interrupted'}", file=sys.stderr)
+        return interrupted_status(err)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,30 @@ class Int:
         return value
 
 
+class Duration:
+    """Seconds: an integer, or a number with a suffix s, m, h or d (`90m`, `1h`)."""
+
+    UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def check(self, file, node, key):
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":int"):
+            value = _scalar(file, node, key, "int", "seconds")
+        else:
+            text = _scalar(file, node, key, "str", "seconds or a duration such as 1h")
+            value = parse_duration(text)
+            if value is None:
+                _fail(file, node, key, f"{_short(text)} is not seconds or a duration such as 30m, 1h, 2d")
+        if not 0 <= value <= 10 * 365 * 86400:
+            _fail(file, node, key, f"{value} is outside 0..10 years")
+        return value
+
+
+def parse_duration(text: str) -> int | None:
+    """'3600', '60m', '1h', '2d' -> seconds; None if it is none of those."""
+    m = re.fullmatch(r"\s*([0-9]{1,12})\s*([smhd]?)\s*", str(text))
+    return int(m.group(1)) * Duration.UNITS[m.group(2) or "s"] if m else None
+
+
 class Choice:
     def __init__(self, *values: str, what: str = "value"):
         self.values, self.what = values, what
@@ -393,6 +417,14 @@ SETTINGS = Record(
     ), {}, "record"),
     kernel_cmdline=Field(ListOf(Str(r"\S+", "a kernel parameter (no spaces)")), [], "union"),
     hook_timeout=Field(Int(1, 7 * 24 * 3600), 3600),
+    # Package versions (docs/reproducibility.md "Lock files"): a lock file next
+    # to target.yaml ({arch} is replaced), how old the last resolution may get,
+    # the keyring the resolver checks the sections' InRelease with.
+    lock=Field(Optional(Str(r"(?!\.)(?:[A-Za-z0-9_.+-]|\{arch\})+",
+                            "a file name next to target.yaml ({arch} allowed), e.g. packages-{arch}.lock")),
+               None, "own"),
+    index_max_age=Field(Optional(Duration())),
+    apt_keyring=Field(Optional(Str(r"[^\s]+", "a keyring file (absolute, or relative to target.yaml)"))),
     raspberrypi=Field(Record(
         dtbs=Field(ListOf(Str(r"[A-Za-z0-9_.\-]+\.dtb", "a device tree file name such as bcm2711-rpi-4-b.dtb")),
                    [], "union"),
@@ -400,6 +432,9 @@ SETTINGS = Record(
         config_txt=Field(ListOf(Str()), [], "union"),
     ), {}, "record"),
     disk=Field(DISK, {}, "record"),
+    # Seconds since 1970 (UTC); null: the newest changelog date of the
+    # installed packages (epoch.py).  The squashfs format holds 32 bits.
+    source_date_epoch=Field(Optional(Int(0, 2**32 - 1))),
 )
 REQUIRED_TO_BUILD = ("architectures", "suite", "mirror", "sections")
 
@@ -547,6 +582,13 @@ class Target:
     disk_system_size: str = "auto"
     disk_storage_size: str = "none"
     disk_power_of_two: bool = False
+    lock: str | None = None              # absolute path of the lock file, `{arch}` not yet replaced
+    index_max_age: int | None = None     # seconds; None: HYPERSOLID_INDEX_MAX_AGE, else 1 h
+    apt_keyring: str | None = None       # absolute; None: the host's Debian archive keyring
+
+    def lock_file(self, arch: str) -> Path | None:
+        return Path(self.lock.replace("{arch}", arch)) if self.lock else None
+    source_date_epoch: int | None = None  # None: from the packages' changelogs (epoch.py)
 
     def packages_for(self, arch: str) -> tuple[str, ...]:
         return tuple(p for s in self.sections for p in s.packages_for(arch))
@@ -780,6 +822,9 @@ def _load_target(targets_dir: Path, name: str) -> Target:
     if v["disk"]["storage_size"] == "rest" and v["disk"]["size"] == "minimal":
         raise ConfigError(file, lines.get("disk", 1), "disk.storage_size",
                           "rest needs a total size (size: minimal leaves no rest): give disk.size, e.g. 4G")
+    if v["lock"] and "{arch}" not in v["lock"] and len(set(v["architectures"] or ())) > 1:
+        raise ConfigError(file, lines["lock"], "lock", f"one file for {len(set(v['architectures']))} "
+                          "architectures: put {arch} in the name (packages-{arch}.lock)")
     sections = tuple(
         Section(name=s["name"], packages=tuple(s["packages"]),
                 arch_packages=tuple(sorted((a, tuple(p)) for a, p in s["arch_packages"].items())),
@@ -825,6 +870,10 @@ def _load_target(targets_dir: Path, name: str) -> Target:
         disk_system_size=v["disk"]["system_size"], disk_storage_size=v["disk"]["storage_size"],
         disk_power_of_two=(bool(v["raspberrypi"]["dtbs"]) if v["disk"]["power_of_two"] is None
                            else v["disk"]["power_of_two"]),
+        lock=str(file.parent / v["lock"]) if v["lock"] else None,
+        index_max_age=v["index_max_age"],
+        apt_keyring=str(file.parent / v["apt_keyring"]) if v["apt_keyring"] else None,
+        source_date_epoch=v["source_date_epoch"],
     )
 
 

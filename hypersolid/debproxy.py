@@ -539,3 +539,98 @@ class DebProxy:
                 self.end_headers()
 
         return Handler
+
+
+# -- exact .debs for the bootstrap (a lock's entries) ------------------------
+
+def apt_quote(path: str) -> str:
+    """A pool path as apt writes it in a URL (`+` -> %2b, `~` -> %7e, `:` ->
+    %3a): the layout of the store, which DebProxy fills from apt's requests."""
+    return re.sub(r"[^A-Za-z0-9._/-]", lambda m: "".join(f"%{b:02x}" for b in m.group().encode()), path)
+
+
+def store_path(store: Path, url: str) -> Path:
+    """Where the .deb at url (pool path decoded) lives in the store."""
+    parts = urlsplit(url)
+    return Path(store) / (_netloc(parts).replace(":", "_") + apt_quote(parts.path))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class MissingDebs(Exception):
+    """Some locked .debs are neither in the store nor on their mirror."""
+
+
+def fetch_debs(store: Path, entries, *, upstream_proxy: str | None = None, log=None, timeout: float = 60.0,
+               jobs: int = 4, stats: dict | None = None) -> dict:
+    """entry -> verified local file of every lock entry: from the store when
+    its SHA256 matches, else downloaded from entry.url (through the apt
+    proxy if there is one), checked and stored atomically.  Raises
+    MissingDebs naming every entry that could not be had (one line), so a
+    lock never silently installs anything else.  `stats`, when given, gets
+    the bytes "downloaded" and "reused"."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = Path(store)
+    stats = {} if stats is None else stats
+    stats.update(downloaded=0, reused=0)
+    lock = threading.Lock()
+
+    def one(entry):
+        if urlsplit(entry.url).scheme == "file":
+            path = Path(unquote(urlsplit(entry.url).path))
+            if path.is_file() and _sha256(path) == entry.sha256:
+                return entry, path, None
+            return entry, None, "missing or different at its file: source"
+        path = store_path(store, entry.url)
+        if path.is_file():
+            if _sha256(path) == entry.sha256:
+                with lock:
+                    stats["reused"] += path.stat().st_size
+                return entry, path, None
+            if log:
+                log.note(f"# {path} differs from the lock's SHA256; downloading it again")
+        parts = urlsplit(entry.url)
+        host = urlsplit(upstream_proxy).netloc if upstream_proxy else parts.netloc
+        try:
+            tls = parts.scheme == "https" and not upstream_proxy
+            conn = (http.client.HTTPSConnection if tls else http.client.HTTPConnection)(host, timeout=timeout)
+            conn.request("GET", entry.url if upstream_proxy else apt_quote(parts.path),
+                         headers={"Host": parts.netloc, "User-Agent": "hypersolid-fetch"})
+            resp = conn.getresponse()
+            body = resp.read()
+            conn.close()
+        except (http.client.HTTPException, OSError) as err:
+            return entry, None, f"{entry.source}: {describe_error(err, timeout)}"
+        if resp.status != 200:
+            return entry, None, f"{resp.status} {resp.reason} from {entry.source}"
+        if hashlib.sha256(body).hexdigest() != entry.sha256:
+            return entry, None, f"the SHA256 of {entry.url} differs from the lock's"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name(path)
+        try:
+            tmp.write_bytes(body)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        with lock:
+            stats["downloaded"] += len(body)
+        return entry, path, None
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(one, sorted(entries)))
+    missing = [(e, why) for e, path, why in results if path is None]
+    if missing:
+        causes = dict.fromkeys(why for _, why in missing)
+        raise MissingDebs(f"{len(missing)} locked package version(s) are neither in {store} nor on their mirror: "
+                          + " ".join(f"{e.package}={e.version}" for e, _ in missing[:20])
+                          + (" ..." if len(missing) > 20 else "") + f" ({'; '.join(list(causes)[:3])})")
+    if log:
+        log.note(f"# .debs: {stats['reused']} bytes from {store}, {stats['downloaded']} bytes downloaded")
+    return {e: path for e, path, _ in results}

@@ -24,7 +24,7 @@ from .qemu import MACHINES
 from .run import BuildError, Log, install_signal_handlers, run
 from .stages import STAGES, Unit, default_cache_dir, execute, no_space
 
-ORDER = ("rootfs", "bootstrap", "configure", "squashfs", "initramfs", "bootfiles", "disk")
+ORDER = ("rootfs", "resolve", "bootstrap", "configure", "squashfs", "initramfs", "sbom", "bootfiles", "disk")
 DEP_FILE = "build/doit.sqlite3"
 
 
@@ -145,10 +145,11 @@ def _tasks(stage_name: str):
             "name": subtask_name(unit.target, unit.arch),
             "doc": f"{stage.doc} [{unit.target.name}{'/' + unit.arch if unit.arch else ''}]",
             "actions": [(run_stage, [stage_name, unit])],
-            "file_dep": sorted(rel(p) for p in stage.input_files(unit).values())
+            "file_dep": sorted(rel(p) for p in [*stage.input_files(unit).values(), *stage.watched(unit)])
                         + [rel(unit.key_file(s)) for s in stage.upstream_of(unit)],
             "targets": [rel(unit.key_file(stage_name))] + [rel(p) for p in stage.outputs(unit)],
-            "uptodate": [settings_changed(stage, unit)] + ([entry_present(stage_name, unit)] if stage.cached else []),
+            "uptodate": [settings_changed(stage, unit)] + ([entry_present(stage_name, unit)] if stage.cached else [])
+                        + stage.fresh(unit),
             "clean": True,
             "verbosity": 1,
         }
@@ -157,6 +158,10 @@ def _tasks(stage_name: str):
 
 def task_rootfs():
     yield from _tasks("rootfs")
+
+
+def task_resolve():
+    yield from _tasks("resolve")
 
 
 def task_bootstrap():
@@ -173,6 +178,10 @@ def task_squashfs():
 
 def task_initramfs():
     yield from _tasks("initramfs")
+
+
+def task_sbom():
+    yield from _tasks("sbom")
 
 
 def task_bootfiles():

@@ -133,7 +133,7 @@ def test_each_hook_is_an_input_of_its_own_stage_only(ws):
         assert ws.hypersolid("build", "child").executed == {"bootfiles:child"}
         post_configure.write_text(originals[post_configure] + "# edited\n")
         # squashfs runs the post-configure hooks; configure is left alone
-        assert ws.hypersolid("build", "child").executed == {"squashfs:child", "bootfiles:child"}
+        assert ws.hypersolid("build", "child").executed == {"squashfs:child", "sbom:child", "bootfiles:child"}
     finally:
         for path, text in originals.items():
             path.write_text(text)
@@ -243,9 +243,10 @@ def test_a_failing_stage_command_exits_1_with_stage_command_and_log(ws):
     assert result.status == 1
     message = result.err.strip()
     assert "\n" not in message
-    assert message.startswith("hypersolid: build broken: stage bootstrap:broken failed: command exited with status")
-    assert "; command: multistrap -f " in message
-    assert message.endswith("; log: build/broken/amd64/logs/bootstrap.log")
+    # the package set is resolved (apt) before anything is unpacked
+    assert message.startswith("hypersolid: build broken: stage resolve:broken failed: apt cannot resolve the "
+                              "package set: E: Unable to locate package hs-no-such-package")
+    assert message.endswith("; log: build/broken/amd64/logs/resolve.log")
     shutil.rmtree(ws.root / "targets/broken")
 
 

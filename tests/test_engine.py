@@ -221,7 +221,7 @@ def _target_reads(module) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("name", ["rootfs", "bootstrap", "configure", "squashfs", "initramfs", "bootfiles"])
+@pytest.mark.parametrize("name", ["rootfs", "resolve", "bootstrap", "configure", "squashfs", "initramfs", "bootfiles"])
 def test_every_target_field_a_real_stage_reads_is_declared(name):
     """The static half of the TargetView guard: reads in the stage's module."""
     import sys

@@ -217,14 +217,16 @@ def test_a_read_only_cache_is_one_line(project, tmp_path):
 
 
 def test_a_full_cache_fails_the_stage_in_one_line_and_publishes_nothing(project, tmp_path):
-    """A tmpfs just big enough for the downloads: the unpacked tree does not fit."""
+    """A tmpfs just big enough for the downloads and apt's lists: the unpacked tree does not fit."""
     full = tmp_path / "full"
     full.mkdir()
-    debs = int(subprocess.run(["du", "-sm", project.cache / "debs"], check=True, stdout=subprocess.PIPE,
-                              text=True).stdout.split()[0])
+    # the downloads and apt's state (the resolve task's lists) fit, the unpacked tree does not
+    debs = int(subprocess.run(["du", "-smc", project.cache / "debs", project.cache / "apt"], check=True,
+                              stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1].split()[0])
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={debs + 40}m", "tmpfs", full], check=True)
     try:
         subprocess.run(["cp", "-a", project.cache / "debs", full / "debs"], check=True)
+        subprocess.run(["cp", "-a", project.cache / "apt", full / "apt"], check=True)
         own = TestProject(tmp_path / "own", full)
         own.target("tiny", tiny_target())
         with untouched_host(tmp_path, own.root, full):

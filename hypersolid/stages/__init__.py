@@ -188,6 +188,16 @@ class Stage:
         """Input files by a stable name (path relative to the project)."""
         return {}
 
+    def watched(self, unit: Unit) -> list[Path]:
+        """Files doit must watch besides input_files, whose content enters
+        the key through `computed` (bootstrap: the lock, by its entries)."""
+        return []
+
+    def fresh(self, unit: Unit) -> list:
+        """Extra doit uptodate checks (all must hold for the task to be
+        skipped), e.g. resolve's age limit."""
+        return []
+
     def build(self, unit: Unit, out: Path, log: Log) -> None:
         raise NotImplementedError
 
@@ -338,7 +348,7 @@ def register(stage_cls: type[Stage]) -> type[Stage]:
 
 
 def _load_all() -> None:
-    from . import bootfiles, bootstrap, configure, initramfs, rootfs, squashfs  # noqa: F401  (register themselves)
+    from . import bootfiles, bootstrap, configure, initramfs, resolve, rootfs, sbom, squashfs  # noqa: F401  (register themselves)
     from . import disk  # noqa: F401  (after bootfiles: it reads dist/)
 
 

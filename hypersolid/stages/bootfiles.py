@@ -4,6 +4,8 @@
     system-<arch>.img  and/or system-<arch>.cpio  (target.yaml `image:`; the
                                                    image with the build id appended)
     packages-<arch>.tsv                           (name, version, architecture)
+    packages-<arch>.lock                          (the exact .debs: see lockfile.py)
+    sbom-<arch>.cdx.json  sbom-<arch>.spdx.json   (CycloneDX 1.6, SPDX 2.3: see sbom.py)
     build-<arch>.json                             (target, build id, keys)
     boot/                                         (Raspberry Pi targets: the boot
                                                    partition, see raspberrypi.py)
@@ -45,7 +47,7 @@ def _replacing(dest: Path) -> Iterator[Path]:
 
 def _upstream(unit: Unit) -> tuple[str, ...]:
     kernel = ("initramfs",) if unit.target.has_kernel(unit.arch) else ()
-    return ("bootstrap", "configure", "squashfs", *kernel)
+    return ("bootstrap", "configure", "squashfs", *kernel, "sbom")
 
 
 @register
@@ -72,6 +74,9 @@ class Bootfiles(Stage):
             if image in wanted:
                 files[image_name(a, ext)] = ("squashfs", image_name(a))
         files[f"packages-{a}.tsv"] = ("squashfs", "packages.tsv")
+        files[f"packages-{a}.lock"] = ("bootstrap", "packages.lock")
+        files[f"sbom-{a}.cdx.json"] = ("sbom", "sbom.cdx.json")
+        files[f"sbom-{a}.spdx.json"] = ("sbom", "sbom.spdx.json")
         return files
 
     def computed(self, unit: Unit) -> dict:

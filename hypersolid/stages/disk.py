@@ -10,8 +10,8 @@ No loop devices and no mounts (they need privileges most containers lack):
 each file system is made in a file of its own (mkfs.vfat -C + mtools,
 mkfs.ext4 -d), sfdisk partitions the image file, dd puts each file system
 in place.  The bytes depend on the inputs only: the disk, partition and file
-system ids derive from the build id, and every time stamp is the fixed epoch
-(SOURCE_DATE_EPOCH when set), so two builds of the same inputs give the same
+system ids derive from the build id, and every time stamp is the build's
+SOURCE_DATE_EPOCH (epoch.py), so two builds of the same inputs give the same
 image (and the same .bmap).
 
 Not cached: it reads dist/ (what post-build hooks signed is what goes on
@@ -29,25 +29,18 @@ from pathlib import Path
 from ..boot import STORAGE_LABEL, SYSTEM_LABEL
 from ..cache import remove_tree, temp_name
 from ..config import size_mib
+from ..epoch import source_date_epoch
 from ..run import Log, run
 from . import Stage, Unit, build_id, register
 
 MiB = 1 << 20
 PI_BOOT_LABEL = "RPIBOOT"
 ESP_LABEL = "ESP"
-# Debian bookworm's release: the time stamp of every file and file system
-# unless SOURCE_DATE_EPOCH says otherwise (FAT cannot go below 1980).
-DEFAULT_EPOCH = 1686355200
 GPT_ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 GPT_LINUX = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 EFI = {"amd64": ("systemd-bootx64.efi", "BOOTX64.EFI", "console=tty0 console=ttyS0"),
        "arm64": ("systemd-bootaa64.efi", "BOOTAA64.EFI", "console=tty0 console=ttyAMA0")}
 SYSTEMD_BOOT_DIR = "usr/lib/systemd/boot/efi"
-
-
-def epoch() -> int:
-    value = os.environ.get("SOURCE_DATE_EPOCH", "")
-    return int(value) if value.isdigit() else DEFAULT_EPOCH
 
 
 def disk_name(arch: str) -> str:
@@ -198,7 +191,8 @@ class Disk(Stage):
         return t.has_kernel(unit.arch) and t.image in ("img", "both") and (is_pi(t) or unit.arch in EFI)
 
     def computed(self, unit: Unit) -> dict:
-        return {"arch": unit.arch, "epoch": epoch(), "build_id": build_id(unit.project, unit.target, unit.cache)}
+        # The epoch is bootstrap's (epoch.py), inside the configure key already.
+        return {"arch": unit.arch, "build_id": build_id(unit.project, unit.target, unit.cache)}
 
     def outputs(self, unit: Unit) -> list[Path]:
         img = unit.dist_dir / disk_name(unit.arch)
@@ -206,7 +200,8 @@ class Disk(Stage):
 
     def build(self, unit: Unit, out: None, log: Log) -> None:
         t, a, dist = unit.target, unit.arch, unit.dist_dir
-        pi, build, when = is_pi(t), build_id(unit.project, unit.target, unit.cache), epoch()
+        pi, build = is_pi(t), build_id(unit.project, unit.target, unit.cache)
+        when = max(source_date_epoch(unit), 315532800)  # FAT has no time before 1980
         env = {"E2FSPROGS_FAKE_TIME": str(when), "SOURCE_DATE_EPOCH": str(when), "MTOOLS_SKIP_CHECK": "1"}
         system = dist / f"system-{a}.img"
         try:
