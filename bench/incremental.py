@@ -16,6 +16,11 @@ time, in a second checkout and cache, with another TZ, locale and umask,
 and compares the four outputs byte for byte: the `reproducible` row (1 for
 true, 0 for false; when false, the first differing file is printed).  That
 costs one more cold build; --no-reproducible skips it.
+
+    sudo .venv/bin/python bench/incremental.py --disk qemu-amd64 --disk rpi4
+
+times only the disk stage (dist/<t>/disk-<arch>.img) and reports the image
+size and the part of it the .bmap maps (what `hypersolid flash` writes).
 """
 from __future__ import annotations
 
@@ -185,6 +190,21 @@ def measure(target: str, args, scratch: Path) -> dict:
     return result
 
 
+def measure_disk(target: str, scratch: Path, cache: Path | None) -> dict:
+    """The disk stage alone, after the target's bootfiles (cold in a fresh
+    cache unless --disk-cache reuses one): its time and the image sizes."""
+    checkout = make_checkout(scratch / "checkout")
+    cache = cache or scratch / "cache"
+    bootfiles, _, _ = doit(checkout, cache, f"bootfiles:{target}")
+    seconds, stages, _ = doit(checkout, cache, f"disk:{target}")
+    images = sorted((checkout / "dist" / target).glob("disk-*.img"))
+    mapped = re.search(r"<MappedBlocksCount>\s*(\d+)", images[0].with_suffix(".bmap").read_text())
+    return {"target": target, "bootfiles_seconds": round(bootfiles, 1),
+            "disk_stage_seconds": next(v for k, v in stages.items() if k.startswith("disk:")),
+            "disk_image_mib": images[0].stat().st_size >> 20,
+            "disk_mapped_mib": int(mapped[1]) * 4096 >> 20 if mapped else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", action="append", help="target to measure (repeatable; "
@@ -194,8 +214,24 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     parser.add_argument("--no-reproducible", dest="reproducible", action="store_false",
                         help="skip the second cold build of qemu-amd64 and its byte comparison")
+    parser.add_argument("--disk", action="append", metavar="TARGET",
+                        help="only time the disk stage of TARGET and report its image sizes (repeatable; "
+                             "e.g. --disk qemu-amd64 --disk rpi4: rpi4 builds cold under qemu-user first, ~10 min)")
+    parser.add_argument("--disk-cache", type=Path, help="with --disk: reuse this cache instead of a fresh one")
     args = parser.parse_args()
     targets = args.target or ["qemu-amd64", "qemu-arm64"]
+    if args.disk:
+        scratch = Path(tempfile.mkdtemp(prefix="hypersolid-bench-disk-"))
+        try:
+            rows = [measure_disk(t, scratch / t, args.disk_cache) for t in args.disk]
+        finally:
+            if not args.keep:
+                shutil.rmtree(scratch, ignore_errors=True)
+        print(f"{'disk stage':<30}" + "".join(f"{r['target']:>14}" for r in rows))
+        for key in ("disk_stage_seconds", "disk_image_mib", "disk_mapped_mib"):
+            print(f"{key:<30}" + "".join(f"{r[key]:>14}" for r in rows))
+        print(json.dumps(rows, sort_keys=True))
+        return
 
     scratch = Path(tempfile.mkdtemp(prefix="hypersolid-bench-"))
     try:

@@ -94,5 +94,6 @@ def machine(dist: Path, arch: str, work: Path, log: Log, *, storage: Path | None
         disks.append(storage)
         args.append(f"pstorage=/dev/vd{'ab'[len(disks) - 1]}")
     vm = Qemu(kernel, initrd, disks=disks, arch=arch, memory=memory, log_path=log_path)
-    vm.append = " ".join([f"console={vm.console}", "boot=hypersolid", *args, append]).strip()
+    # No boot=: the initramfs defaults to the hypersolid script (BOOT= in its conf.d).
+    vm.append = " ".join([f"console={vm.console}", *args, append]).strip()
     return vm

@@ -23,7 +23,7 @@ from .cache import Cache, remove_tree
 from .config import ConfigError, Project, Target
 from .container import emulated, ensure_binfmt, run_in
 from .mounts import writable_view
-from .run import BuildError, HookError, Log, install_signal_handlers, interrupted_status, isolated, set_build_umask
+from .run import BuildError, HookError, Log, install_signal_handlers, interrupted_status, isolated, run, set_build_umask
 from .stages import STAGES, Unit, build_id, default_cache_dir, planned_keys
 
 OK, FAILED, USAGE, HOOK_FAILED = 0, 1, 2, 3
@@ -180,7 +180,7 @@ def build(project: Project, target: Target) -> None:
     except BuildError as err:
         raise Failure(str(err), USAGE) from None
     workspace_hook(project, target, "pre-build", planned)
-    run_doit(project, [f"bootfiles:{subtask(target, a)}" for a in target.architectures])
+    run_doit(project, [f"bootfiles:{subtask(target, a)}" for a in target.architectures] + disk_tasks(project, target))
     build = built_id(project, target)
     workspace_hook(project, target, "post-build", build)
     dist = dist_dir(project, target)
@@ -193,6 +193,13 @@ def build(project: Project, target: Target) -> None:
         print(f"  {f.name + ('/' if f.is_dir() else ''):<28} {size / 1e6:10.1f} MB")
 
 
+def disk_tasks(project: Project, target: Target) -> list[str]:
+    """disk:<target> too when target.yaml says disk: {build: true}."""
+    if not target.disk_build:
+        return []
+    from .stages import STAGES, Unit
+    return [f"disk:{subtask(target, a)}" for a in target.architectures
+            if STAGES["disk"].applies(Unit(project, target, a, cache_of(project)))]
 def lock_versions(project: Project, target: Target) -> None:
     """Write TARGET's lock file(s) from a fresh resolution of its mirror."""
     from . import versions
@@ -390,8 +397,36 @@ def parser() -> argparse.ArgumentParser:
         if name == "clean":
             v.add_argument("--cache", action="store_true",
                            help="also drop the target's cache entries (not those other targets share)")
+    f = verbs.add_parser("flash", help="write TARGET's disk image to DEVICE (bmaptool; docs/bare-metal.md)",
+                         description="write dist/TARGET/disk-ARCH.img to the whole disk DEVICE with bmaptool")
+    f.add_argument("target", metavar="TARGET")
+    f.add_argument("device", metavar="DEVICE", help="a whole disk: /dev/sdX, /dev/mmcblkN")
+    f.add_argument("--arch", help="which architecture's image (default: the target's first)")
+    f.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     add_diff_verb(verbs)
     return p
+
+
+def flash(project: Project, target: Target, device: str, arch: str | None, yes: bool) -> None:
+    """Checks (flash.check), confirmation, then bmaptool copy."""
+    from . import flash as flashing
+    arch = arch or target.architectures[0]
+    image = dist_dir(project, target) / f"disk-{arch}.img"
+    if not image.exists() or not image.with_suffix(".bmap").exists():
+        raise Failure(f"{os.path.relpath(image)} (or its .bmap) is missing: run `doit disk:{subtask(target, arch)}` "
+                      "first", USAGE)
+    try:
+        dev = flashing.check(Path(device))
+    except flashing.Refused as err:
+        raise Failure(f"refused: {err}", USAGE) from None
+    if not yes and not flashing.confirm(dev, image):
+        raise Failure("not confirmed; nothing written", USAGE)
+    log = log_for(project, target, "flash")
+    try:
+        run(flashing.flash_argv(image, dev.path), log, console="terminal")
+    except BuildError as err:
+        raise Failure(str(err), FAILED) from None
+    print(f"hypersolid: wrote {image.name} to {dev.path} ({dev.model})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             return attach(project, target, args.arch)
         elif args.verb == "clean":
             clean(project, target, args.cache)
+        elif args.verb == "flash":
+            flash(project, target, args.device, args.arch, args.yes)
         elif args.verb == "lock":
             lock_versions(project, target)
         elif args.verb == "outdated":

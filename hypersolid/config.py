@@ -370,6 +370,25 @@ class ImageSources:
         return [_with_defaults(APT_SOURCE, e) for e in ListOf(APT_SOURCE).check(file, node, key)]
 
 
+SIZE_RE = r"[1-9][0-9]*[MG]"
+
+
+# `disk:` the flashable image's layout (stages/disk.py); sizes in MiB (M) or GiB (G).
+DISK = Record(
+    build=Field(Bool(), False),
+    size=Field(Str(f"minimal|{SIZE_RE}", "minimal or a size such as 4G or 3500M"), "minimal"),
+    boot_size=Field(Str(SIZE_RE, "a size such as 256M"), "256M"),
+    system_size=Field(Str(f"auto|{SIZE_RE}", "auto or a size such as 1G"), "auto"),
+    storage_size=Field(Str(f"none|rest|{SIZE_RE}", "none, rest or a size such as 1G"), "none"),
+    power_of_two=Field(Optional(Bool())),
+)
+
+
+def size_mib(value: str) -> int:
+    """'256M' -> 256, '2G' -> 2048 (values DISK accepted)."""
+    return int(value[:-1]) * (1024 if value.endswith("G") else 1)
+
+
 SETTINGS = Record(
     extends=Field(ListOf(Str(r"(?!\.\.?$)[A-Za-z0-9_.\-]+", "a target name"), single_ok=True), [], "own"),
     abstract=Field(Bool(), False, "own"),
@@ -412,6 +431,7 @@ SETTINGS = Record(
         consoles=Field(ListOf(Str(r"[A-Za-z0-9,]+", "a console such as ttyS1,115200")), ["tty0", "ttyS1,115200"]),
         config_txt=Field(ListOf(Str()), [], "union"),
     ), {}, "record"),
+    disk=Field(DISK, {}, "record"),
     # Seconds since 1970 (UTC); null: the newest changelog date of the
     # installed packages (epoch.py).  The squashfs format holds 32 bits.
     source_date_epoch=Field(Optional(Int(0, 2**32 - 1))),
@@ -555,6 +575,13 @@ class Target:
     rpi_dtbs: tuple[str, ...]            # non-empty: a Raspberry Pi target (dist/<t>/boot/)
     rpi_consoles: tuple[str, ...]
     rpi_config_txt: tuple[str, ...]
+    # disk: (stages/disk.py); power_of_two None in target.yaml: true on Pi targets (QEMU's SD model)
+    disk_build: bool = False
+    disk_size: str = "minimal"
+    disk_boot_size: str = "256M"
+    disk_system_size: str = "auto"
+    disk_storage_size: str = "none"
+    disk_power_of_two: bool = False
     lock: str | None = None              # absolute path of the lock file, `{arch}` not yet replaced
     index_max_age: int | None = None     # seconds; None: HYPERSOLID_INDEX_MAX_AGE, else 1 h
     apt_keyring: str | None = None       # absolute; None: the host's Debian archive keyring
@@ -792,6 +819,9 @@ def _load_target(targets_dir: Path, name: str) -> Target:
                                   f"the targets it extends ({', '.join(order[:-1]) or 'none'}) set it "
                                   "(mark it `abstract: true` if it is only a base)")
     _check_users(targets_dir, order, v["users"])
+    if v["disk"]["storage_size"] == "rest" and v["disk"]["size"] == "minimal":
+        raise ConfigError(file, lines.get("disk", 1), "disk.storage_size",
+                          "rest needs a total size (size: minimal leaves no rest): give disk.size, e.g. 4G")
     if v["lock"] and "{arch}" not in v["lock"] and len(set(v["architectures"] or ())) > 1:
         raise ConfigError(file, lines["lock"], "lock", f"one file for {len(set(v['architectures']))} "
                           "architectures: put {arch} in the name (packages-{arch}.lock)")
@@ -836,6 +866,10 @@ def _load_target(targets_dir: Path, name: str) -> Target:
         rpi_dtbs=tuple(v["raspberrypi"]["dtbs"]),
         rpi_consoles=tuple(v["raspberrypi"]["consoles"]),
         rpi_config_txt=tuple(v["raspberrypi"]["config_txt"]),
+        disk_build=v["disk"]["build"], disk_size=v["disk"]["size"], disk_boot_size=v["disk"]["boot_size"],
+        disk_system_size=v["disk"]["system_size"], disk_storage_size=v["disk"]["storage_size"],
+        disk_power_of_two=(bool(v["raspberrypi"]["dtbs"]) if v["disk"]["power_of_two"] is None
+                           else v["disk"]["power_of_two"]),
         lock=str(file.parent / v["lock"]) if v["lock"] else None,
         index_max_age=v["index_max_age"],
         apt_keyring=str(file.parent / v["apt_keyring"]) if v["apt_keyring"] else None,

@@ -36,7 +36,11 @@ class Qemu:
     nothing to clean up, and the pipe closes when qemu dies)."""
 
     def __init__(self, kernel, initrd=None, append="", disks=(), arch="amd64",
-                 memory=1024, smp=1, extra=(), log_path=None):
+                 memory=1024, smp=1, extra=(), log_path=None, machine=None, serial_index=0):
+        # machine: an argv replacing MACHINES[arch][0] (raspi3b, UEFI firmware);
+        # kernel None: the firmware boots the disks (diskboot.py); smp None:
+        # the machine's own count; serial_index: the console is that -serial.
+        self.machine, self.serial_index = machine, serial_index
         self.kernel, self.initrd, self.append = kernel, initrd, append
         self.disks, self.arch, self.memory, self.smp = list(disks), arch, memory, smp
         self.extra = list(extra)
@@ -54,10 +58,12 @@ class Qemu:
     def command(self, interactive=False):
         """The qemu argv.  Interactive: the console is the terminal, and
         qemu's monitor is multiplexed on it (Ctrl-A X quits)."""
-        cmd = list(MACHINES[self.arch][0]) + [
-            "-accel", "tcg", "-m", str(self.memory), "-smp", str(self.smp),
-            "-nodefaults", "-display", "none", "-serial", "mon:stdio" if interactive else "stdio",
-            "-kernel", str(self.kernel), "-append", self.append]
+        cmd = list(self.machine or MACHINES[self.arch][0]) + [
+            "-accel", "tcg", "-m", str(self.memory), *(["-smp", str(self.smp)] if self.smp else []),
+            "-nodefaults", "-display", "none", *["-serial", "null"] * self.serial_index,
+            "-serial", "mon:stdio" if interactive else "stdio"]
+        if self.kernel:
+            cmd += ["-kernel", str(self.kernel), "-append", self.append]
         if not interactive:
             cmd += ["-no-reboot"]   # a reboot, or a panic with panic=-1, ends qemu
         if self.initrd:

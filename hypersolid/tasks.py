@@ -19,11 +19,12 @@ from .checker import XxhashChecker
 from .config import Project, Target
 from .report import BAD_TARGET, TimingReporter, install_excepthook
 from .boot import STORAGE_LABEL, machine, storage_disk
+from .diskboot import PI_MACHINES, disk_machine
 from .qemu import MACHINES
 from .run import BuildError, Log, install_signal_handlers, run, set_build_umask
 from .stages import STAGES, Unit, default_cache_dir, execute, no_space
 
-ORDER = ("rootfs", "resolve", "bootstrap", "configure", "squashfs", "initramfs", "sbom", "bootfiles")
+ORDER = ("rootfs", "resolve", "bootstrap", "configure", "squashfs", "initramfs", "sbom", "bootfiles", "disk")
 DEP_FILE = "build/doit.sqlite3"
 
 
@@ -187,9 +188,17 @@ def task_bootfiles():
     yield from _tasks("bootfiles")
 
 
-def boot_vm(unit: Unit, storage: str = ""):
+def task_disk():
+    yield from _tasks("disk")
+
+
+def boot_vm(unit: Unit, storage: str = "", disk: bool = False):
     """The boot task's action: the target's dist/ files in qemu, on this terminal."""
     log = Log(unit.log_path("boot"), f"boot:{unit.target.name}/{unit.arch}")
+    if disk:
+        return boot_disk(unit, log)
+    if unit.arch not in MACHINES:
+        return TaskFailed(f"qemu has no generic machine for {unit.arch}: boot the SD card image with --disk")
     disk = Path(storage) if storage else None
     try:
         if disk is not None and not disk.exists():
@@ -209,11 +218,24 @@ def boot_vm(unit: Unit, storage: str = ""):
     return None
 
 
+def boot_disk(unit: Unit, log: Log):
+    """`boot:<target> --disk`: the disk image as a board's firmware boots it."""
+    try:
+        vm = disk_machine(unit.dist_dir, unit.target, unit.arch, unit.build_dir / "boot", log)
+    except (BuildError, FileNotFoundError) as err:
+        return TaskFailed(str(err))
+    print(f"hypersolid: booting {os.path.relpath(unit.dist_dir)}/disk-{unit.arch}.img (TCG); Ctrl-A X quits.",
+          flush=True)
+    status = run(vm.command(interactive=True), log, console="terminal", check=False).returncode
+    return TaskFailed(f"qemu exited with status {status} (log: {log.path})") if status else None
+
+
 def task_boot():
     """Not a default task: `doit boot:<target> [--storage disk.ext4]`."""
     yield {"name": None, "doc": "boot dist/<target>/ in qemu-system (TCG, serial console)"}
     for unit in units("initramfs"):
-        if unit.arch not in MACHINES:  # no qemu machine for it here (armel/armhf)
+        pi_model = any(d in PI_MACHINES for d in unit.target.rpi_dtbs)
+        if unit.arch not in MACHINES and not pi_model:  # no qemu machine for it here (armel/armhf)
             continue
         name = subtask_name(unit.target, unit.arch)
         yield {
@@ -221,9 +243,11 @@ def task_boot():
             "doc": f"boot {unit.target.name}/{unit.arch} in qemu; --storage FILE adds a "
                    "persistent-storage disk (created if missing)",
             "actions": [(boot_vm, [unit])],
-            "task_dep": [f"bootfiles:{name}"],
+            "task_dep": [f"bootfiles:{name}"] + ([f"disk:{name}"] if STAGES["disk"].applies(unit) else []),
             "params": [{"name": "storage", "long": "storage", "short": "s", "default": "",
-                        "help": "ext4 disk image used as pstorage= (created empty if missing)"}],
+                        "help": "ext4 disk image used as pstorage= (created empty if missing)"},
+                       {"name": "disk", "long": "disk", "type": bool, "default": False,
+                        "help": "boot dist/<target>/disk-<arch>.img through its firmware instead"}],
             "uptodate": [False],
             "verbosity": 2,
         }

@@ -349,6 +349,7 @@ def register(stage_cls: type[Stage]) -> type[Stage]:
 
 def _load_all() -> None:
     from . import bootfiles, bootstrap, configure, initramfs, resolve, rootfs, sbom, squashfs  # noqa: F401  (register themselves)
+    from . import disk  # noqa: F401  (after bootfiles: it reads dist/)
 
 
 _load_all()

@@ -36,8 +36,11 @@ def kernel_version(tree: Path) -> str | None:
 
 
 def initramfs_conf(modules: str, compression: str) -> str:
+    """BOOT=hypersolid makes the boot script the default (initramfs-tools' init
+    reads conf.d after clearing BOOT and before the command line, where
+    boot=... still wins), so a loader entry needs no boot= parameter."""
     return ("# Written by hypersolid (target.yaml initramfs:)\n"
-            f"MODULES={modules}\nCOMPRESS={compression}\nBUSYBOX=auto\n")
+            f"MODULES={modules}\nCOMPRESS={compression}\nBUSYBOX=auto\nBOOT=hypersolid\n")
 
 
 @register
@@ -45,7 +48,7 @@ class Initramfs(Stage):
     name = "initramfs"
     upstream = ("configure",)
     helpers = ("hypersolid.container", "hypersolid.epoch", "hypersolid.mounts")
-    doc = "kernel + initramfs (mkinitramfs in the container, boot=hypersolid script)"
+    doc = "kernel + initramfs (mkinitramfs in the container, hypersolid boot script as default)"
     reads = ("initramfs_compression", "initramfs_modules", "initramfs_extra_modules")
     isolated = True  # the overlay over the configured tree
 
