@@ -216,7 +216,7 @@ def lock_versions(project: Project, target: Target) -> None:
 def outdated(project: Project, target: Target) -> int:
     """The packages of the last build the mirror has newer versions of; 1 if any."""
     from . import versions
-    found = 0
+    found = checked = 0
     for arch in target.architectures:
         unit = Unit(project, target, arch, cache_of(project))
         last = versions.last_build_lock(unit)
@@ -235,9 +235,13 @@ def outdated(project: Project, target: Target) -> int:
             print(f"{old.package}:{old.architecture} {old.version} -> {new.version}"
                   + ("  (security)" if security else ""))
         found += len(newer)
+        checked += len(entries)
     if found:
         print(f"hypersolid: {found} package(s) of the last build of {target.name} have newer versions; "
               f"`hypersolid build --refresh {target.name}` picks them up", file=sys.stderr)
+    else:
+        print(f"hypersolid: the {checked} packages of the last build of {target.name} are the mirror's newest",
+              file=sys.stderr)
     return FAILED if found else OK
 
 

@@ -187,7 +187,9 @@ def test_a_mirror_update_is_picked_up_after_the_window_and_not_within_it(world):
     assert installed(p, "m", "netbase") == f"{old_version}{BUMP}"
     lock = {e.package: e for e in lockfile.read(p.entry("bootstrap", "m") / "packages.lock")}
     assert lock["netbase"].version == f"{old_version}{BUMP}"
-    assert hypersolid(p, "outdated", "m").status == 0
+    current = hypersolid(p, "outdated", "m")
+    assert current.status == 0, current.output
+    assert current.line("are the mirror's newest")
 
     again = p.doit("bootstrap:m", env=AFTER)  # re-resolved, same answer: the bootstrap stays
     assert "resolve:m" in again.executed and "bootstrap:m" in again.uptodate
