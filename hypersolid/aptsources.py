@@ -13,7 +13,7 @@ from .config import AptSource
 
 SOURCES_FILE = "etc/apt/sources.list.d/hypersolid.sources"
 # Build-time apt state in /etc/apt, removed whatever the sections said.
-BUILD_SOURCES = ("etc/apt/sources.list", "etc/apt/sources.list.d/*")
+BUILD_SOURCES = ("etc/apt/sources.list", "etc/apt/sources.list.d/*", "etc/apt/keyrings/hypersolid-build.gpg")
 
 
 def deb822(sources: tuple[AptSource, ...], has_file=lambda path: True) -> str:

@@ -48,7 +48,7 @@ def test_configure_falls_back_to_a_chroot_in_a_private_namespace(project):
         (project.root / "targets/tiny/hooks/pre-configure.d/20-chroot").unlink()
     assert "configure:tiny" in result.executed
     log = (project.root / "build/tiny/amd64/logs/configure.log").read_text()
-    assert "$ sh -c 'mount -t proc proc" in log and "exec chroot" in log  # in the runner's namespaces
+    assert "$ unshare --uts sh -c 'hostname hypersolid && mount -t proc proc" in log and "exec chroot" in log  # in the runner's namespaces
     assert "systemd-nspawn" not in log
     assert mounts() == before
 

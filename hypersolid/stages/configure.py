@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import epoch, hooks
+from .. import epoch, hooks, intree
 from ..container import install_script, run_in
 from ..debproxy import DebProxy
 from ..dpkg import read_status, write_package_manifest
 from ..run import Log, run
-from .bootstrap import source_urls
+from ..cache import digest_file
+from ..resolve import keyring_of
+from .resolve import sections_for, source_urls
 from . import Stage, Unit, register
 
 PREPARE = r"""#!/bin/sh
@@ -78,18 +80,33 @@ fi
 """
 
 
+BUILD_LIST = "etc/apt/sources.list.d/hypersolid-build.list"
+BUILD_KEYRING = "etc/apt/keyrings/hypersolid-build.gpg"
+
+
+def build_sources(sections: list[dict], arch: str, keyring: str) -> str:
+    """The apt sources a hook's apt sees: the target's sections and the
+    security archive (the bootstrap's own list named its loopback repository
+    and is gone), signed by the keyring the resolver checked them with.
+    Downloads go through the build's proxy; the squashfs stage replaces
+    both files with the image's own sources (aptsources.py)."""
+    return "".join(f"deb [arch={arch} signed-by=/{keyring}] {s['source']} {s['suite']} {' '.join(s['components'])}\n"
+                   for s in sections)
+
+
 @register
 class Configure(Stage):
     name = "configure"
     helpers = ("hypersolid.container", "hypersolid.dpkg", "hypersolid.epoch", "hypersolid.hooks", "hypersolid.intree")
     upstream = ("bootstrap",)
     doc = "packages configured in a container (dpkg --configure, pre-configure hooks)"
-    reads = ("locale",)
-    # The proxy's allowed sources: the bootstrap key (upstream) holds them already.
-    uses = ("apt_proxy", "hook_timeout", "mirror", "security_mirror", "sections", "suite")
+    # The sources: what a hook's apt installs from (build_sources).
+    reads = ("locale", "mirror", "security_mirror", "sections", "suite", "apt_keyring")
+    uses = ("apt_proxy", "hook_timeout")
 
     def computed(self, unit: Unit) -> dict:
-        return {"scripts": [PREPARE, FINISH]}
+        # The keyring hooks' apt checks the sources with: a host file.
+        return {"scripts": [PREPARE, FINISH], "keyring": digest_file(keyring_of(unit.target))}
 
     def input_files(self, unit: Unit) -> dict[str, Path]:
         return hooks.input_files(unit, "pre-configure")
@@ -98,6 +115,11 @@ class Configure(Stage):
         hooks.checked(unit, "pre-configure", log)
         tree = out / "tree"
         run(["cp", "-a", "--reflink=auto", unit.output("bootstrap") / "tree", tree], log)
+        root = intree.Root(tree)
+        root.makedirs(str(Path(BUILD_LIST).parent))
+        root.makedirs(str(Path(BUILD_KEYRING).parent))
+        root.copy_file(keyring_of(unit.target), BUILD_KEYRING, mode=0o644)
+        root.write_text(BUILD_LIST, build_sources(sections_for(unit.target, unit.arch), unit.arch, BUILD_KEYRING))
         sde = epoch.unit_env(unit)  # maintainer scripts stamp it, not the clock
         run_in(tree, [install_script(tree, "prepare", PREPARE)], log, unit.arch, env=sde)
         # apt in a hook downloads through the caching proxy (no DNS needed inside).
