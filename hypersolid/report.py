@@ -74,7 +74,10 @@ class TimingReporter(ConsoleReporter):
 
     def initialize(self, tasks, selected_tasks):
         super().initialize(tasks, selected_tasks)
-        warn_bad_targets(tasks, selected_tasks)
+        # On stderr, unless the run's output is captured (`hypersolid build`'s
+        # quiet resolve run): then there, or every warning would be said twice.
+        captured = self.outstream not in (sys.stdout, sys.__stdout__)
+        warn_bad_targets(tasks, selected_tasks, self.outstream if captured else None)
 
     def execute_task(self, task):
         self._started[task.name] = time.monotonic()
