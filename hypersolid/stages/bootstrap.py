@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .. import epoch, hooks, lockfile
+from .. import epoch, hooks, lockfile, unpack
 from ..cache import digest_json, remove_tree
 from ..debproxy import MissingDebs, fetch_debs
 from ..dpkg import host_version, read_status
@@ -44,6 +44,8 @@ LOCAL_CONF = "00hypersolid-local-repository"
 def multistrap_ini(arch: str, directory: Path, source: str, packages: list[str]) -> str:
     """multistrap's configuration: one section, the local repository of
     exactly the resolved .debs (local_repository), every package named.
+    unpack=false: multistrap resolves and downloads, unpack.py unpacks the
+    same way in a fraction of the time (its module docstring).
     Native configuration is switched off (ignorenativearch): configuring is
     the configure stage's job.  noauth: the repository is ours, on
     loopback, and every .deb in it was checked against the signed index
@@ -51,7 +53,7 @@ def multistrap_ini(arch: str, directory: Path, source: str, packages: list[str])
     is in the resolved set like any other.  Recommends were the resolver's
     business, so allowrecommends is false."""
     return "\n".join([
-        "[General]", f"arch={arch}", f"directory={directory}", "cleanup=true", "noauth=true", "unpack=true",
+        "[General]", f"arch={arch}", f"directory={directory}", "cleanup=true", "noauth=true", "unpack=false",
         "ignorenativearch=true", "allowrecommends=false", "aptsources=hypersolid", "bootstrap=hypersolid", "",
         "[hypersolid]", f"packages={' '.join(sorted(packages))}", f"source={source}", f"suite={LOCAL_SUITE}",
         "components=main", "omitdebsrc=true", ""])
@@ -132,7 +134,7 @@ def _check_tree(tree: Path, entries: list[lockfile.LockEntry], log: Log) -> None
 class Bootstrap(Stage):
     name = "bootstrap"
     doc = "multistrap: exactly the resolved (or locked) .debs unpacked into a tree (post-bootstrap hooks)"
-    helpers = ("hypersolid.hooks", "hypersolid.lockfile", "hypersolid.epoch")
+    helpers = ("hypersolid.hooks", "hypersolid.lockfile", "hypersolid.epoch", "hypersolid.unpack")
     reads = ("source_date_epoch",)  # the package set is the lock file's content (input_files)
     uses = ("apt_proxy", "hook_timeout", "lock")
 
@@ -179,6 +181,7 @@ class Bootstrap(Stage):
             with serving(repo) as url:
                 ini.write_text(multistrap_ini(unit.arch, tree, url, [e.package for e in entries]))
                 run(["multistrap", "-f", ini], log, env={"no_proxy": "127.0.0.1"}, cwd=out)
+            unpack.unpack(tree, log)
         finally:
             remove_tree(repo)
             insecure.unlink(missing_ok=True)
