@@ -57,9 +57,25 @@ FINISH = r"""#!/bin/sh
 set -eu
 say() { echo "hypersolid-configure: $*"; }
 
+# openssh-server's postinst makes host keys unless they exist: most of the
+# configure time under qemu-user (RSA), for keys the squashfs stage deletes
+# (the device makes its own at first boot).  Empty stand-ins skip that;
+# they go again right after.
+placeholders=
+if [ -e /var/lib/dpkg/info/openssh-server.postinst ] && [ -d /etc/ssh ]; then
+    for type in rsa dsa ecdsa ed25519; do
+        key=/etc/ssh/ssh_host_${type}_key
+        if [ ! -e "$key" ]; then : > "$key"; placeholders="$placeholders $key"; fi
+    done
+fi
+
 # A failure here is reported by the status check after this script, which
 # names the packages left unconfigured.
 dpkg --configure -a || say "dpkg --configure -a exited with status $?"
+
+for key in $placeholders; do
+    if [ -f "$key" ] && [ ! -s "$key" ]; then rm -f "$key"; fi
+done
 
 locale=$1
 if [ "$locale" != C.UTF-8 ] && [ "$locale" != C ] && [ "$locale" != POSIX ]; then
