@@ -93,40 +93,41 @@ def unpack(tree: Path, log: Log, jobs: int | None = None) -> list[str]:
 
     names: list[str] = []
     seen: dict[str, str] = {}
+    pool = ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 2)
     try:
-        with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 2) as pool:
-            controls = [pool.submit(control, i) for i in range(len(archives))]
-            for index, deb in enumerate(archives):
-                (tree / "tmp").mkdir(exist_ok=True)  # multistrap's mkdir -p ./tmp, once per package
-                listing = run(["dpkg-deb", "-X", tree / ARCHIVES / deb, tree], log, contain=False,
-                              capture=True).stdout
-                parts = controls[index].result()
-                stanza = (parts / "control").read_bytes()
-                pkg = control_fields(stanza).get("Package", "")
-                if not pkg:
-                    raise log.fail(f"{deb} has no Package field")
-                if pkg in seen:
-                    raise log.fail(f"two archives of {pkg}: {seen[pkg]} and {deb}")
-                seen[pkg] = deb
-                with open(info / f"{pkg}.list", "ab") as f:
-                    f.write(list_lines(listing))
-                for part in sorted(os.listdir(parts)):
-                    if part != "control" and "." not in part:
-                        os.replace(parts / part, info / f"{pkg}.{part}")
-                kept = b"".join(ln for ln in stanza.splitlines(keepends=True) if ln != b"\n")
-                with open(tree / DPKG / "available", "ab") as f:
-                    f.write(kept + b"\n")
-                record = kept + b"Status: install ok unpacked\n"
-                conffiles = info / f"{pkg}.conffiles"
-                if conffiles.is_file():
-                    record += b"Conffiles:\n"
-                    for line in conffiles.read_text().splitlines():
-                        record += f" {line} {conffile_md5(tree, line)}\n".encode()
-                with open(tree / DPKG / "status", "ab") as f:
-                    f.write(record + b"\n")
-                guard_lib64(tree)
-                names.append(pkg)
+        controls = [pool.submit(control, i) for i in range(len(archives))]
+        for index, deb in enumerate(archives):
+            (tree / "tmp").mkdir(exist_ok=True)  # multistrap's mkdir -p ./tmp, once per package
+            listing = run(["dpkg-deb", "-X", tree / ARCHIVES / deb, tree], log, contain=False,
+                          capture=True).stdout
+            parts = controls[index].result()
+            stanza = (parts / "control").read_bytes()
+            pkg = control_fields(stanza).get("Package", "")
+            if not pkg:
+                raise log.fail(f"{deb} has no Package field")
+            if pkg in seen:
+                raise log.fail(f"two archives of {pkg}: {seen[pkg]} and {deb}")
+            seen[pkg] = deb
+            with open(info / f"{pkg}.list", "ab") as f:
+                f.write(list_lines(listing))
+            for part in sorted(os.listdir(parts)):
+                if part != "control" and "." not in part:
+                    os.replace(parts / part, info / f"{pkg}.{part}")
+            kept = b"".join(ln for ln in stanza.splitlines(keepends=True) if ln != b"\n")
+            with open(tree / DPKG / "available", "ab") as f:
+                f.write(kept + b"\n")
+            record = kept + b"Status: install ok unpacked\n"
+            conffiles = info / f"{pkg}.conffiles"
+            if conffiles.is_file():
+                record += b"Conffiles:\n"
+                for line in conffiles.read_text().splitlines():
+                    record += f" {line} {conffile_md5(tree, line)}\n".encode()
+            with open(tree / DPKG / "status", "ab") as f:
+                f.write(record + b"\n")
+            guard_lib64(tree)
+            names.append(pkg)
     finally:
+        pool.shutdown(cancel_futures=True)  # on Ctrl-C or a failure: no more extractions
         shutil.rmtree(staging, ignore_errors=True)
     (tree / "usr/share/man/man1").mkdir(parents=True, exist_ok=True)
     # multistrap tidies apt's lists, caches and its sources list after
