@@ -29,7 +29,7 @@ from pathlib import Path
 from .. import buildid
 from ..cache import Cache, digest_file, digest_json
 from ..config import Project, Target
-from ..entry import checked, discard, warn
+from ..entry import checked, discard, remember, warn
 from ..run import BuildError, Log, isolated, tail_of
 
 
@@ -331,6 +331,7 @@ def execute(stage_name: str, unit: Unit) -> dict:
                 unit.output(upstream)
         with unit.cache.publish(stage_name, key, manifest) as out:
             _build(stage, unit, out, log)
+        remember(stage_name, key)
         log.note(f"# built in {time.monotonic() - start:.1f}s, published as {unit.cache.entry(stage_name, key)}")
     else:
         log.note(f"# cache hit: {hit}")
