@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import __version__, hooks, lock, lockfile, report
 from .cache import Cache, remove_tree
+from .cachecmd import add_cache_verb, run_cache
 from .config import ConfigError, Project, Target
 from .container import emulated, ensure_binfmt, run_in
 from .mounts import writable_view
@@ -469,6 +470,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--arch", help="which architecture's image (default: the target's first)")
     f.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     add_diff_verb(verbs)
+    add_cache_verb(verbs)
     text = "the buildable targets, their architectures, doit tasks and planned cache keys (a CI matrix)"
     v = verbs.add_parser("list", help=text, description=text)
     v.add_argument("--json", action="store_true", help="as JSON (docs/ci.md): targets, keys, and a `matrix` list")
@@ -503,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     set_build_umask()
     if args.verb == "diff":
         return run_diff(args)
+    if args.verb == "cache":
+        return run_cache(args, cache_workspace(args.workspace))
     if args.verb == "list":
         try:
             return list_targets(args.workspace, args.json)
@@ -552,6 +556,16 @@ def add_diff_verb(verbs) -> None:
     v.add_argument("a", metavar="A", help="a dist directory (dist/T/) or a system image (system-<arch>.img)")
     v.add_argument("b", metavar="B", help="the same kind as A")
     v.add_argument("--json", action="store_true", help="the same report as JSON")
+
+
+def cache_workspace(given: str | None) -> Path | None:
+    """The workspace for `hypersolid cache` (None: none here; HYPERSOLID_CACHE may still name a cache)."""
+    if given:
+        return Path(given).resolve()
+    try:
+        return find_workspace(Path.cwd())
+    except Failure:
+        return None
 
 
 def run_diff(args) -> int:

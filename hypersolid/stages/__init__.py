@@ -29,6 +29,7 @@ from pathlib import Path
 from .. import buildid
 from ..cache import Cache, digest_file, digest_json
 from ..config import Project, Target
+from ..entry import checked, discard, warn
 from ..run import BuildError, Log, isolated, tail_of
 
 
@@ -68,8 +69,10 @@ class Unit:
     def key(self, stage: str) -> str:
         return self.key_file(stage).read_text().strip()
 
-    def output(self, stage: str) -> Path:
-        """The cache entry an upstream stage last produced for this unit."""
+    def output(self, stage: str, item: str | None = None) -> Path:
+        """The cache entry an upstream stage last produced for this unit (or
+        the item of it, when a build reads just one small file), verified
+        against its manifest's record once per process (entry.py)."""
         key_file = self.key_file(stage)
         try:
             key = key_file.read_text().strip()
@@ -79,7 +82,19 @@ class Unit:
         if entry is None:  # the task's entry check makes doit rebuild it first; this is a race
             raise BuildError(stage, f"cache entry {key} is gone from {self.cache.root} "
                              "(removed while this build ran?); build again")
-        return entry
+        problems = checked(stage, key, entry, item)
+        if problems:
+            # Never let a damaged entry into an image or dist/: drop it and
+            # build it again here, with the inputs its key file recorded.
+            warn(f"cache entry {stage}/{key} is corrupt ({'; '.join(problems)}): removed, rebuilding it")
+            discard(self.cache, stage, key)
+            owner = self if STAGES[stage].per_arch or self.arch is None else self.without_arch()
+            rebuilt = execute(stage, dataclasses.replace(owner, target=real_target(owner.target)))["key"]
+            entry = self.cache.lookup(stage, rebuilt)
+            if rebuilt != key or entry is None or checked(stage, rebuilt, entry, item):
+                raise BuildError(stage, f"cache entry {stage}/{key} was corrupt and its rebuild gave "
+                                 f"{stage}/{rebuilt}, which does not check either; build again")
+        return entry if item is None else entry / item
 
     def has_entry(self, stage: str) -> bool:
         """Whether the entry the stage last recorded is still in the cache."""
@@ -311,6 +326,9 @@ def execute(stage_name: str, unit: Unit) -> dict:
         log.note(f"# built in {time.monotonic() - start:.1f}s")
     elif hit is None:
         _log_why(log, key_file.with_suffix(".manifest.json"), manifest)
+        if stage.isolated:  # checked here, so the forked build inherits the memo
+            for upstream in stage.upstream_of(unit):
+                unit.output(upstream)
         with unit.cache.publish(stage_name, key, manifest) as out:
             _build(stage, unit, out, log)
         log.note(f"# built in {time.monotonic() - start:.1f}s, published as {unit.cache.entry(stage_name, key)}")
