@@ -222,13 +222,20 @@ def gc(project, cache: Cache, max_size: int | None, max_age: float | None, *, dr
         items, other = scan(cache, last_build_items(project, cache))
         before = other + sum(i.size for i in items)
         doomed = plan(items, None if max_size is None else max(0, max_size - other), max_age, time.time())
-        now = time.time()
+        now, verb = time.time(), "would remove" if dry_run else "removed"
         for item in doomed:
-            age = (now - item.used) / 86400
-            out(f"{'would remove' if dry_run else 'removed'} {os.path.relpath(item.path, cache.root)}  "
-                f"{human(item.size)}, last used {age:.1f} days ago{' (last build)' if item.kept else ''}")
+            if item.kind != DEBS:
+                out(f"{verb} {os.path.relpath(item.path, cache.root)}  {human(item.size)}, last used "
+                    f"{(now - item.used) / 86400:.1f} days ago{' (last build)' if item.kept else ''}")
             if not dry_run:
                 remove(cache, item)
+        for kept in (False, True):  # .debs: one line each for the others and the last builds'
+            debs = [i for i in doomed if i.kind == DEBS and i.kept == kept]
+            if debs:
+                ages = sorted({f"{(now - i.used) / 86400:.1f}" for i in debs}, key=float)
+                out(f"{verb} {len(debs)} .debs{' of the last builds' if kept else ''} from {DEBS}/  "
+                    f"{human(sum(i.size for i in debs))}, last used {'-'.join(dict.fromkeys([ages[0], ages[-1]]))} "
+                    "days ago")
         after = before - sum(i.size for i in doomed)
     gone = {id(i) for i in doomed}
     left = [i for i in items if id(i) not in gone]
