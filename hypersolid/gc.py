@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ def disk_usage(path: Path, seen: set) -> int:
         if (st.st_dev, st.st_ino) not in seen:
             seen.add((st.st_dev, st.st_ino))
             total += st.st_blocks * 512
-        if os.path.isdir(p) and not os.path.islink(p):
+        if stat.S_ISDIR(st.st_mode):  # lstat: a link to a directory is not followed
             try:
                 stack += [os.path.join(p, n) for n in os.listdir(p)]
             except OSError:
