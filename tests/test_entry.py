@@ -160,6 +160,7 @@ def unit(tmp_path, monkeypatch) -> Unit:
 
 def test_a_corrupt_upstream_entry_is_removed_with_one_warning_and_rebuilt(unit, capsys):
     key = execute("fake-source", unit)["key"]
+    entry._verified.clear()  # a later build process
     (unit.cache.entry("fake-source", key) / "value").write_text("two")
     execute("fake-sink", unit)
     err = capsys.readouterr().err.splitlines()
@@ -271,4 +272,40 @@ def test_contents_that_differ_from_the_record_are_refused(cache, tmp_path):
     with pytest.raises(entry.Corrupt, match="packages.tsv's content differs"):
         entry.unpack(other, "configure", KEY, manifest_bytes,
                      lambda d: entry.file_chunks(blobs_by_digest(blobs)[d["digest"]]))
+    assert other.lookup("configure", KEY) is None
+
+
+def test_an_entry_this_process_just_built_is_not_hashed_again_by_its_consumer(unit, monkeypatch):
+    key = execute("fake-source", unit)["key"]
+    calls = []
+    monkeypatch.setattr(entry, "verify", lambda *a: calls.append(a) or [])
+    execute("fake-sink", unit)
+    assert calls == [] and (unit.cache.entry("fake-source", key)).is_dir()
+
+
+def test_a_failing_pack_names_tar_and_its_log_and_leaves_no_partial_blob(tmp_path):
+    from hypersolid.run import BuildError, Log
+    log = Log(tmp_path / "pack.log", "cache")
+    with pytest.raises(BuildError) as caught:
+        entry.pack_tree(tmp_path / "no-such-tree", tmp_path / "blobs", log)
+    assert caught.value.command[0] == "tar" and caught.value.log == log.path
+    assert "status 2" in caught.value.message and "no-such-tree" in (tmp_path / "pack.log").read_text()
+    assert list((tmp_path / "blobs" / "sha256").iterdir()) == []
+
+
+def test_an_unpack_whose_tar_fails_publishes_nothing(cache, tmp_path):
+    from hypersolid.run import BuildError
+    publish(cache)
+    manifest_bytes, blobs = entry.pack(cache, "configure", KEY, tmp_path / "blobs")
+    tree = next(b for b in blobs if b.title == "tree")
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"not zstd at all" * 100)
+    manifest = json.loads(manifest_bytes)
+    layer = next(l for l in manifest["layers"] if l["digest"] == tree.digest)
+    layer["size"] = garbage.stat().st_size  # right size, wrong bytes: tar fails before the digest is known
+    by = blobs_by_digest(blobs)
+    other = Cache(tmp_path / "other")
+    with pytest.raises((BuildError, entry.Corrupt)):
+        entry.unpack(other, "configure", KEY, json.dumps(manifest).encode(),
+                     lambda d: entry.file_chunks(garbage if d["digest"] == tree.digest else by[d["digest"]]))
     assert other.lookup("configure", KEY) is None

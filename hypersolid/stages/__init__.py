@@ -29,7 +29,7 @@ from pathlib import Path
 from .. import buildid
 from ..cache import Cache, digest_file, digest_json
 from ..config import Project, Target
-from ..entry import checked, discard, warn
+from ..entry import checked, discard, remember, warn
 from ..run import BuildError, Log, isolated, tail_of
 
 
@@ -90,10 +90,14 @@ class Unit:
             discard(self.cache, stage, key)
             owner = self if STAGES[stage].per_arch or self.arch is None else self.without_arch()
             rebuilt = execute(stage, dataclasses.replace(owner, target=real_target(owner.target)))["key"]
-            entry = self.cache.lookup(stage, rebuilt)
-            if rebuilt != key or entry is None or checked(stage, rebuilt, entry, item):
-                raise BuildError(stage, f"cache entry {stage}/{key} was corrupt and its rebuild gave "
-                                 f"{stage}/{rebuilt}, which does not check either; build again")
+            if rebuilt != key:  # its inputs changed since this build planned on its key
+                raise BuildError(stage, f"cache entry {stage}/{key} was corrupt; rebuilt from the current "
+                                 f"inputs it is {stage}/{rebuilt}: build again")
+            entry = self.cache.lookup(stage, key)
+            still = ["it is gone"] if entry is None else checked(stage, key, entry, item)
+            if still:
+                raise BuildError(stage, f"cache entry {stage}/{key} was corrupt and is again after its rebuild "
+                                 f"({'; '.join(still)}); build again")
         return entry if item is None else entry / item
 
     def has_entry(self, stage: str) -> bool:
@@ -331,6 +335,7 @@ def execute(stage_name: str, unit: Unit) -> dict:
                 unit.output(upstream)
         with unit.cache.publish(stage_name, key, manifest) as out:
             _build(stage, unit, out, log)
+        remember(stage_name, key)
         log.note(f"# built in {time.monotonic() - start:.1f}s, published as {unit.cache.entry(stage_name, key)}")
     else:
         log.note(f"# cache hit: {hit}")
