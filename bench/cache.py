@@ -8,7 +8,11 @@ cold build to dist/ (per stage), the no-op build, what verifying each entry
 a running stage consumes costs next to that stage, `hypersolid cache
 export` (time, archive size), `hypersolid cache import` into an empty cache,
 and a fresh checkout building from the imported cache (time, and whether
-anything but bootfiles ran).  Prints a table and one JSON line; the load
+anything but bootfiles ran); last, the cache's size on disk after the one
+build (.debs and apt state included) and after `hypersolid cache gc
+--max-size X` with X = what the last build's entries take: what a no-op
+build needs, so it stays a no-op while the .debs and the apt state (used
+first, so least recently) go.  Prints a table and one JSON line; the load
 average is printed with them, since the machine may be shared.
 """
 from __future__ import annotations
@@ -77,6 +81,28 @@ def verification(checkout: Path, cache: Path, target: str) -> dict[str, dict]:
     return result
 
 
+def cache_sizes(checkout: Path, cache: Path) -> tuple[int, int]:
+    """(bytes on disk of the whole cache, of the last build's entries alone:
+    no .debs, no apt state), as gc counts them."""
+    from hypersolid.cache import Cache
+    from hypersolid.config import Project
+    from hypersolid.gc import APT, DEBS, last_build_items, scan
+    items, other = scan(Cache(cache), last_build_items(Project(checkout), Cache(cache)))
+    return (other + sum(i.size for i in items),
+            other + sum(i.size for i in items if i.kept and i.kind not in (DEBS, APT)))
+
+
+def gc_rows(checkout: Path, cache: Path, task: str) -> dict:
+    """The cache after the one build, and after gc to its entries' size."""
+    before, entries_only = cache_sizes(checkout, cache)
+    seconds, out = hypersolid(checkout, cache, "cache", "gc", "--max-size", str(entries_only))
+    after, _ = cache_sizes(checkout, cache)
+    _, executed, _ = doit(checkout, cache, task)
+    return {"size_after_one_build_mb": round(before / 1e6, 1), "gc_max_size_mb": round(entries_only / 1e6, 1),
+            "size_after_gc_mb": round(after / 1e6, 1), "gc_seconds": round(seconds, 2),
+            "noop_after_gc_executed": sorted(executed), "gc_said": out.strip().splitlines()[-1]}
+
+
 def measure(target: str, args, scratch: Path) -> dict:
     task = f"bootfiles:{target}"
     cache = scratch / "cache"
@@ -100,7 +126,9 @@ def measure(target: str, args, scratch: Path) -> dict:
     clone = make_checkout(scratch / "clone")
     rows["fresh_clone_after_import"], clone_stages, output = doit(clone, imported, task)
     built = [m[1] for m in re.finditer(r"^  (\S+)\s+[\d.]+s  (ok|FAILED)$", output, re.M)]
+    gc = gc_rows(checkout, cache, task)  # last: it removes the .debs
     return {
+        "gc": gc,
         "target": target, "seconds": {k: round(v, 2) for k, v in rows.items()}, "cold_stages": cold_stages,
         "verify": verified, "archive_mb": round(archive.stat().st_size / 1e6, 1),
         "cache_mb": round(sum(p.stat().st_size for p in cache.rglob("*")
@@ -138,6 +166,10 @@ def main() -> None:
             print(f"{r['target']}: verify {stage} ({v['mb']} MB): {v['seconds']:.2f}s; its consumer "
                   f"{v['consumer']} took {v['consumer_seconds']}s cold: {v['vs_consumer']}")
         print(f"{r['target']}: fresh clone after import built: {', '.join(r['fresh_clone_built']) or 'nothing'}")
+        g = r["gc"]
+        print(f"{r['target']}: cache size after one build {g['size_after_one_build_mb']} MB; after gc --max-size "
+              f"X = {g['gc_max_size_mb']} MB (the last build's entries, no .debs/apt state): {g['size_after_gc_mb']} MB "
+              f"in {g['gc_seconds']}s; no-op after gc executed: {', '.join(g['noop_after_gc_executed']) or 'nothing'}")
     print(json.dumps({"results": results, "load": [load_before, load_after]}, sort_keys=True))
 
 

@@ -4,6 +4,11 @@ An entry is ``<cache>/<stage>/<key>/`` where key is the xxh3-128 of the
 stage's manifest (its settings, input file digests, upstream keys and code
 version).  Entries are built under ``<cache>/tmp/`` and renamed into place
 once complete, so a crash or Ctrl-C never leaves one that looks valid.
+
+Every lookup that finds an entry, and every publish, records the entry's
+last use as the mtime of its stamp file ``.used`` (one utime), which is
+what `hypersolid cache gc` orders by.  Names starting with "." at an
+entry's top level are bookkeeping, not content.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import re
 import secrets
 import shutil
 import stat
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +26,7 @@ from typing import Iterator
 import xxhash
 
 CHUNK = 1 << 20
+USED = ".used"  # an entry's last-use stamp (its mtime)
 
 
 def digest_bytes(data: bytes) -> str:
@@ -108,8 +115,9 @@ class Cache:
         return self.root / stage / key
 
     def lookup(self, stage: str, key: str) -> Path | None:
+        """The entry if it is there, recording this as its last use."""
         path = self.entry(stage, key)
-        return path if path.is_dir() else None
+        return path if mark_used(path) else None
 
     @contextmanager
     def publish(self, stage: str, key: str, manifest: dict) -> Iterator[Path]:
@@ -136,6 +144,7 @@ class Cache:
                 if not final.is_dir():  # anything but "someone published it first"
                     raise
                 remove_tree(work)
+            mark_used(final)  # publishing is a use
         except BaseException:
             remove_tree(work)
             raise
@@ -151,6 +160,47 @@ class Cache:
                 continue
             if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
                 remove_tree(work)
+
+
+def mark_used(entry: Path) -> bool:
+    """Stamp now as the entry directory's last use: one utime of entry/.used
+    (created the first time).  False if there is no such entry; a cache that
+    cannot be written (read-only) still counts as found."""
+    stamp = os.path.join(entry, USED)
+    try:
+        os.utime(stamp)
+        return True
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return os.path.isdir(entry)
+    try:
+        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return os.path.isdir(entry)
+
+
+def last_used(entry: Path) -> float:
+    """When an entry was last used: its stamp, else when it was published."""
+    for name in (USED, "manifest.json", "."):
+        try:
+            return os.stat(os.path.join(entry, name)).st_mtime
+        except OSError:
+            continue
+    return 0.0
+
+
+def mark_file_used(path: Path) -> None:
+    """A cached file's (a .deb's) last use is its atime, set explicitly: its
+    mtime stays, which the deb proxy's verified memo compares."""
+    try:
+        st = os.stat(path)
+        os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
+    except OSError:
+        pass
 
 
 # A temporary name that carries its writer's pid: `.<name>.tmp-<pid>` (or

@@ -3,6 +3,7 @@
     hypersolid cache verify [--all]
     hypersolid cache export FILE [TARGET...]
     hypersolid cache import FILE
+    hypersolid cache gc [--max-size SIZE] [--max-age DAYS]   (gc.py)
 
 The export file is one uncompressed tar of an OCI image layout (see
 docs/cache.md): `oci-layout`, `index.json` naming one image manifest per
@@ -27,9 +28,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from . import entry
+from . import entry, lock
 from .cache import CHUNK, Cache, CacheError, canonical, remove_tree, temp_name
 from .config import Project
+from .gc import add_gc_action, run_gc
 from .run import BuildError, Log, interrupted_status
 from .stages import STAGES, default_cache_dir
 
@@ -65,6 +67,7 @@ def add_cache_verb(verbs) -> None:
                              description="add the entries of FILE (from `hypersolid cache export`) to the "
                              "cache, each checked against its digests and key")
     restore.add_argument("file", metavar="FILE")
+    add_gc_action(sub)
 
 
 def run_cache(args: argparse.Namespace, workspace: Path | None) -> int:
@@ -76,6 +79,10 @@ def run_cache(args: argparse.Namespace, workspace: Path | None) -> int:
             raise Failure("no workspace here (use -C DIR) and no HYPERSOLID_CACHE: which cache?")
         cache = Cache(default_cache_dir(project) if project else os.environ["HYPERSOLID_CACHE"])
         cache.check()
+        if action == "gc":
+            return run_gc(args, project, cache)
+        if action == "import":
+            lock.share_cache(cache.root)  # it publishes: no gc meanwhile
         if action == "verify":
             return verify(project, cache, args.all)
         if action == "export":

@@ -65,12 +65,15 @@ def subtask_name(target: Target, arch: str | None) -> str:
 
 @lru_cache(maxsize=None)
 def _cache(root: str) -> Cache:
-    """The cache, checked and swept once per run of work dirs left by killed builds."""
+    """The cache, checked, held shared for this run (no gc removes an entry
+    under a running build: lock.share_cache) and swept once of work dirs
+    left by killed builds."""
     try:
         cache = Cache(default_cache_dir(_project(root)))
         cache.check()
     except CacheError as err:
         raise InvalidDodoFile(str(err)) from None
+    lock.share_cache(cache.root)
     cache.collect_garbage()
     return cache
 

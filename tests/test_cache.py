@@ -86,7 +86,7 @@ def test_publishing_the_same_key_twice_keeps_one_entry(cache):
     entry = cache.lookup("squashfs", KEY)
     assert (entry / "out").read_text() == "first"
     assert json.loads((entry / "manifest.json").read_text())["n"] == 1
-    assert sorted(p.name for p in entry.iterdir()) == ["manifest.json", "out"]
+    assert sorted(p.name for p in entry.iterdir()) == [".used", "manifest.json", "out"]  # .used: last use
     assert tmp_entries(cache) == []
 
 

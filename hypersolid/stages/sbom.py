@@ -75,6 +75,10 @@ class Sbom(Stage):
                                "target": name, "arch": a, "image": image_name(a),
                                "inputs": self.static_inputs(unit)})
         memo = unit.cache.lookup(MEMO, content)
+        # Which memo this build used, beside the stages' key files: gc keeps the last build's entries.
+        memo_key = unit.build_dir / f"{MEMO}.key"
+        memo_key.parent.mkdir(parents=True, exist_ok=True)
+        memo_key.write_text(content + "\n")
         if memo is not None:
             log.note(f"# what the SBOM reads is unchanged: reusing {memo}")
             for f in (CDX, SPDX):
