@@ -16,7 +16,8 @@ The record of one run (`deps.json` beside the memoised outputs):
   is a new input and the content of a copied one is in `files`;
 - `packages`: the packages owning a hook, script or configuration file of
   initramfs-tools, at their installed version (a hook may read data of its
-  own package that it does not copy, such as a microcode bundle).
+  own package that it does not copy, such as a microcode bundle); the files
+  those packages install under /etc are in `whole` (a hook's settings).
 
 A file's state is its type, mode, owner, content and its mtime clamped to
 SOURCE_DATE_EPOCH (cpio stores mtimes, and mkinitramfs clamps only the ones
@@ -147,24 +148,32 @@ def package_versions(tree: Path, names) -> dict[str, str | None]:
     return {n: found.get(n) for n in sorted(wanted)}
 
 
-def config_owners(tree: Path) -> list[str]:
+def config_owners(tree: Path) -> tuple[list[str], list[str]]:
     """The packages that install a hook, script or configuration file of
-    initramfs-tools (from the dpkg file lists)."""
+    initramfs-tools (from the dpkg file lists), and the files those packages
+    install under /etc: a hook's own settings (cryptsetup's conf-hook), which
+    a pre-configure hook may have edited."""
     info = Path(tree) / "var/lib/dpkg/info"
-    owners = set()
+    owners, etc = set(), set()
     try:
         lists = sorted(info.glob("*.list"))
     except OSError:
-        return []
+        return [], []
     for path in lists:
         try:
-            with open(path, errors="replace") as f:
-                if any(line.startswith(CONFIG_PREFIXES) and not line.rstrip("\n").endswith("/")
-                       for line in f):
-                    owners.add(path.name[:-len(".list")].split(":")[0])
+            lines = path.read_text(errors="replace").splitlines()
         except OSError:
             continue
-    return sorted(owners)
+        if any(line.startswith(CONFIG_PREFIXES) for line in lines):
+            owners.add(path.name[:-len(".list")].split(":")[0])
+            etc.update(line.lstrip("/") for line in lines if line.startswith("/etc/"))
+    # Files and links only: a directory such as /etc/udev is every package's.
+    state = TreeState(tree, 0)
+    try:
+        files = [rel for rel in etc if (entry_state(state.real(rel), 0) or ["gone"])[0] not in ("dir", "gone")]
+    finally:
+        state.close()
+    return sorted(owners), sorted(files)
 
 
 def record(destdir: Path, tree: Path, kver: str, tools: list[str], static: str) -> dict:
@@ -176,10 +185,11 @@ def record(destdir: Path, tree: Path, kver: str, tools: list[str], static: str) 
             rel = os.path.relpath(os.path.join(dirpath, name), destdir)
             if rel not in GENERATED:
                 copied.append(rel)
+    owners, owned_etc = config_owners(tree)
     return {"static": static, "kver": kver,
             "files": sorted({*copied, f"boot/vmlinuz-{kver}", *TOOLS, *tools}),
-            "whole": list(WHOLE), "listed": [d.format(kver=kver) for d in LISTED],
-            "packages": config_owners(tree)}
+            "whole": sorted({*WHOLE, *owned_etc}), "listed": [d.format(kver=kver) for d in LISTED],
+            "packages": owners}
 
 
 def digest(deps: dict, tree: Path, sde: int) -> str:

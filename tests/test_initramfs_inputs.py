@@ -44,6 +44,11 @@ def make_tree(root: Path) -> Path:
                                      "Package: less\nStatus: install ok installed\nVersion: 590\n")
     put(root, "var/lib/dpkg/info/udev.list", "/usr/share/initramfs-tools\n/usr/share/initramfs-tools/hooks/udev\n")
     put(root, "var/lib/dpkg/info/less.list", "/usr/bin/less\n")
+    put(root, "var/lib/dpkg/info/cryptsetup-initramfs.list",
+        "/etc\n/etc/cryptsetup-initramfs\n/etc/cryptsetup-initramfs/conf-hook\n"
+        "/usr/share/initramfs-tools/hooks/cryptroot\n")
+    put(root, "etc/cryptsetup-initramfs/conf-hook", "#KEYFILE_PATTERN=\n")
+    put(root, "etc/less/lesskey", "a setting of a package the initramfs does not read")
     return root
 
 
@@ -70,7 +75,10 @@ def test_record_names_the_copied_files_the_kernel_and_the_tools_but_not_generate
             f"boot/vmlinuz-{KVER}", "usr/sbin/mkinitramfs", "usr/bin/zstd"} <= set(deps["files"])
     assert "etc/ld.so.cache" not in deps["files"] and "usr/bin" not in deps["files"]
     assert f"usr/lib/modules/{KVER}" in deps["listed"] and "usr/share/initramfs-tools" in deps["whole"]
-    assert deps["packages"] == ["udev"]  # owns a hook; less does not
+    assert deps["packages"] == ["cryptsetup-initramfs", "udev"]  # own a hook; less does not
+    # The hook owners' files under /etc, not their directories (/etc is everyone's).
+    assert "etc/cryptsetup-initramfs/conf-hook" in deps["whole"]
+    assert "etc" not in deps["whole"] and "etc/cryptsetup-initramfs" not in deps["whole"]
 
 
 def test_a_package_that_adds_nothing_the_initramfs_reads_keeps_the_digest(tmp_path):
@@ -78,6 +86,7 @@ def test_a_package_that_adds_nothing_the_initramfs_reads_keeps_the_digest(tmp_pa
     before = ii.digest(deps, tree, SDE)
     put(tree, "usr/bin/less", "less binary", 0o755)
     put(tree, "usr/share/doc/less/copyright", "GPL")
+    put(tree, "etc/less/lesskey", "edited by a pre-configure hook")
     put(tree, "etc/ld.so.cache", "a new library is in it")  # rebuilt from the initramfs' own libraries
     with open(tree / "var/lib/dpkg/status", "a") as f:
         f.write("\nPackage: zstd\nStatus: install ok installed\nVersion: 1.5\n")
@@ -98,6 +107,7 @@ def test_a_new_hook_a_changed_copied_file_or_a_new_modprobe_conf_changes_the_dig
         lambda: put(tree, f"boot/vmlinuz-{KVER}", "rebuilt kernel"),
         lambda: put(tree, "usr/bin/cpio", "another cpio", 0o755),
         lambda: put(tree, "etc/fstab", "/dev/sda1 / ext4 defaults 0 1\n"),
+        lambda: put(tree, "etc/cryptsetup-initramfs/conf-hook", "KEYFILE_PATTERN=/etc/keys/*.key\n"),
         lambda: put(tree, "var/lib/dpkg/status", "Package: udev\nStatus: install ok installed\nVersion: 252.2\n"),
     ]
     seen = {before}
