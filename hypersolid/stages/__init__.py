@@ -68,26 +68,68 @@ class Unit:
     def key(self, stage: str) -> str:
         return self.key_file(stage).read_text().strip()
 
-    def output(self, stage: str) -> Path:
-        """The cache entry an upstream stage last produced for this unit."""
+    def owner(self, stage: str) -> "Unit":
+        """The unit a stage's entry belongs to (arch-independent stages: no arch)."""
+        return self if STAGES[stage].per_arch or self.arch is None else self.without_arch()
+
+    def recorded_key(self, stage: str) -> str:
         key_file = self.key_file(stage)
         try:
-            key = key_file.read_text().strip()
+            return key_file.read_text().strip()
         except FileNotFoundError:
             raise BuildError(stage, f"{key_file} is missing: run `doit {stage}:{self.target.name}` first") from None
+
+    def output(self, stage: str) -> Path:
+        """The cache entry an upstream stage last produced for this unit.
+        Not in the local cache: fetched from the remote cache (a stage that
+        runs needs it), else built here again (the remote's copy was bad or
+        the remote went away)."""
+        key = self.recorded_key(stage)
         entry = self.cache.lookup(stage, key)
-        if entry is None:  # the task's entry check makes doit rebuild it first; this is a race
+        if entry is not None:
+            return entry
+        remote = remote_cache()
+        if remote is None:  # the task's entry check makes doit rebuild it first; this is a race
             raise BuildError(stage, f"cache entry {key} is gone from {self.cache.root} "
                              "(removed while this build ran?); build again")
+        entry = remote.fetch(self.cache, stage, key)
+        if entry is None:
+            execute(stage, self.owner(stage))
+            entry = self.cache.lookup(stage, key)
+        if entry is None:
+            raise BuildError(stage, f"cache entry {key} could not be fetched or built again")
         return entry
 
+    def output_file(self, stage: str, name: str) -> Path:
+        """One file of an upstream entry (bootstrap's epoch or lock): from
+        the local entry, else that file alone from the remote cache, so a
+        small file does not bring a whole tree down with it."""
+        key = self.recorded_key(stage)
+        entry = self.cache.lookup(stage, key)
+        remote = remote_cache() if entry is None else None
+        if remote is not None:
+            path = remote.fetch_file(self.cache, stage, key, name)
+            if path is not None:
+                return path
+        return self.output(stage) / name
+
     def has_entry(self, stage: str) -> bool:
-        """Whether the entry the stage last recorded is still in the cache."""
+        """Whether the entry the stage last recorded is still in the cache,
+        or in the remote cache (asked only when the local one lacks it)."""
         try:
             key = self.key_file(stage).read_text().strip()
         except OSError:
             return False
-        return self.cache.lookup(stage, key) is not None
+        if self.cache.lookup(stage, key) is not None:
+            return True
+        remote = remote_cache()
+        return remote is not None and remote.has(stage, key)
+
+
+def remote_cache():
+    """The configured remote cache (remote.py), or None."""
+    from .. import remote
+    return remote.get()
 
 
 # What every stage may read of a target without declaring it: which target
@@ -304,11 +346,16 @@ def execute(stage_name: str, unit: Unit) -> dict:
     log.note(f"# key {key}")
     key_file = unit.key_file(stage_name)
     hit = unit.cache.lookup(stage_name, key) if stage.cached else None
+    remote = remote_cache() if stage.cached else None
     start = time.monotonic()
     if not stage.cached:
         _log_why(log, key_file.with_suffix(".manifest.json"), manifest)
         _build(stage, unit, None, log)  # writes its outputs itself, each atomically
         log.note(f"# built in {time.monotonic() - start:.1f}s")
+    elif hit is None and remote is not None and remote.has(stage_name, key):
+        # Fetched later, by a stage that runs and needs the contents (Unit.output).
+        log.note(f"# remote cache hit: {remote.config.url} {stage_name}:{key}")
+        hit = "remote"
     elif hit is None:
         _log_why(log, key_file.with_suffix(".manifest.json"), manifest)
         with unit.cache.publish(stage_name, key, manifest) as out:
@@ -316,6 +363,8 @@ def execute(stage_name: str, unit: Unit) -> dict:
         log.note(f"# built in {time.monotonic() - start:.1f}s, published as {unit.cache.entry(stage_name, key)}")
     else:
         log.note(f"# cache hit: {hit}")
+    if remote is not None and hit != "remote" and remote.push(unit.cache, stage_name, key):
+        log.note(f"# pushed to {remote.config.url}")
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.with_suffix(".manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     tmp = key_file.with_name(key_file.name + ".tmp")
