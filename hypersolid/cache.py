@@ -99,7 +99,8 @@ class Cache:
 
     @contextmanager
     def publish(self, stage: str, key: str, manifest: dict) -> Iterator[Path]:
-        """Yield an empty work directory; on success it becomes the entry.
+        """Yield an empty work directory; on success it becomes the entry,
+        its manifest.json recording the digests of what it holds (entry.py).
 
         Anything that escapes the block (including KeyboardInterrupt) removes
         the half-built directory instead.
@@ -109,6 +110,9 @@ class Cache:
         work.mkdir()
         try:
             yield work
+            if "contents" not in manifest:  # given: an unpack that checked what it unpacked
+                from .entry import contents  # entry.py builds on this module
+                manifest = {**manifest, "contents": contents(work)}
             (work / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
             final = self.entry(stage, key)
             final.parent.mkdir(parents=True, exist_ok=True)

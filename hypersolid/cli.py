@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import __version__, hooks, lock, lockfile, report
 from .cache import Cache, remove_tree
+from .cachecmd import add_cache_verb, run_cache
 from .config import ConfigError, Project, Target
 from .container import emulated, ensure_binfmt, run_in
 from .mounts import writable_view
@@ -408,6 +409,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--arch", help="which architecture's image (default: the target's first)")
     f.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     add_diff_verb(verbs)
+    add_cache_verb(verbs)
     return p
 
 
@@ -439,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     set_build_umask()
     if args.verb == "diff":
         return run_diff(args)
+    if args.verb == "cache":
+        return run_cache(args, cache_workspace(args.workspace))
     if getattr(args, "no_wait", False):
         os.environ[lock.NO_WAIT] = "1"
     if getattr(args, "refresh", False):
@@ -482,6 +486,16 @@ def add_diff_verb(verbs) -> None:
     v.add_argument("a", metavar="A", help="a dist directory (dist/T/) or a system image (system-<arch>.img)")
     v.add_argument("b", metavar="B", help="the same kind as A")
     v.add_argument("--json", action="store_true", help="the same report as JSON")
+
+
+def cache_workspace(given: str | None) -> Path | None:
+    """The workspace for `hypersolid cache` (None: none here; HYPERSOLID_CACHE may still name a cache)."""
+    if given:
+        return Path(given).resolve()
+    try:
+        return find_workspace(Path.cwd())
+    except Failure:
+        return None
 
 
 def run_diff(args) -> int:

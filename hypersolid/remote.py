@@ -31,11 +31,13 @@ import oras.provider
 import oras.utils
 import requests
 
-from .cache import Cache, digest_file, digest_json, remove_tree
+from .cache import Cache, digest_file, remove_tree
+from .entry import key_of
 
 ENV = "HYPERSOLID_REMOTE_CACHE"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 TITLE = "org.opencontainers.image.title"
+FILE_TYPE = "application/octet-stream"  # entry.FILE_TYPE: an item that is a plain file
 DEFAULT_CHUNK_MIB = 4
 TIMEOUT = (10, 120)  # connect, read (seconds)
 # An OCI repository name component (distribution's grammar).
@@ -227,6 +229,10 @@ class Remote:
         self.known[(stage, key)] = r.status_code == 200
         return self.known[(stage, key)]
 
+    def forget(self, stage: str, key: str) -> None:
+        """Count stage/key as absent for the rest of the run (its copy failed)."""
+        self.known[(stage, key)] = False
+
     def _manifest(self, stage: str, key: str) -> bytes:
         r = self._request("GET", self._url(stage, f"manifests/{key}"), headers={"Accept": MANIFEST_TYPE})
         if r.status_code != 200:
@@ -234,9 +240,10 @@ class Remote:
         return r.content
 
     @contextmanager
-    def open_blob(self, stage: str, descriptor: dict) -> Iterator[Iterator[bytes]]:
+    def open_blob(self, stage: str, descriptor: dict, check: bool = True) -> Iterator[Iterator[bytes]]:
         """A blob's bytes as they stream in; the last chunk is followed by a
-        check of their sha256 and size (BadBlob when they differ)."""
+        check of their sha256 and size (BadBlob when they differ; check=False
+        for entry.unpack, which checks them itself)."""
         digest, size = descriptor["digest"], int(descriptor["size"])
         if not digest.startswith("sha256:"):
             raise BadBlob(f"{stage}: blob {digest}: only sha256 digests are accepted")
@@ -249,7 +256,8 @@ class Remote:
                 h, n = hashlib.sha256(), 0
                 try:
                     for chunk in r.iter_content(1 << 20):
-                        h.update(chunk)
+                        if check:
+                            h.update(chunk)
                         n += len(chunk)
                         self.stats.downloaded += len(chunk)
                         if n > size:
@@ -257,7 +265,7 @@ class Remote:
                         yield chunk
                 except requests.RequestException as err:
                     raise RemoteFailed(f"download of {digest[:19]} broke off ({type(err).__name__})") from None
-                if n != size or f"sha256:{h.hexdigest()}" != digest:
+                if check and (n != size or f"sha256:{h.hexdigest()}" != digest):
                     raise BadBlob(f"{stage}: blob {digest[:19]}… from {self.config.host} does not match its "
                                   f"digest ({n} bytes, sha256:{h.hexdigest()[:12]}…)")
             yield chunks()
@@ -272,7 +280,7 @@ class Remote:
             return None
         try:
             manifest = self._manifest(stage, key)
-            path = entry.unpack(cache, stage, key, manifest, lambda d: self.open_blob(stage, d))
+            path = entry.unpack(cache, stage, key, manifest, lambda d: self.open_blob(stage, d, check=False))
         except (entry.Corrupt, BadBlob) as err:
             self.known[(stage, key)] = False  # rebuild it locally; never publish what failed
             self._warn(f"{stage} entry {key} is corrupt, not used: {err}")
@@ -296,12 +304,13 @@ class Remote:
             manifest = json.loads(self._manifest(stage, key))
             config = b"".join(self._download(stage, manifest["config"]))
             record = json.loads(config)
-            if digest_json({k: v for k, v in record.items() if k != "contents"}) != key:
+            if not isinstance(record, dict) or record.get("stage") != stage or key_of(record) != key:
                 raise BadBlob(f"{stage}: manifest of {key} does not hash to its key")
             layer = next((d for d in manifest.get("layers", []) if d.get("annotations", {}).get(TITLE) == name), None)
             want = record.get("contents", {}).get(name)
-            if layer is None or want is None:
-                raise BadBlob(f"{stage}: entry {key} has no file {name}")
+            if layer is None or not isinstance(want, dict) or want.get("type") != "file" \
+                    or layer.get("mediaType") != FILE_TYPE:
+                return None  # a tree, or no such item: the whole entry is fetched instead
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(f".{name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
             try:
@@ -414,12 +423,9 @@ class _Refused(RemoteFailed):
     """The registry answered, but would not take the push."""
 
 
-def _file_matches(path: Path, want) -> bool:
-    """A fetched file against its record in the entry's contents (the xxh3
-    digest, with its size when recorded)."""
-    digest = want.get("digest") if isinstance(want, dict) else want[0] if isinstance(want, list) else want
-    size = want.get("size") if isinstance(want, dict) else want[1] if isinstance(want, list) and len(want) > 1 else None
-    return digest_file(path) == digest and (size is None or path.stat().st_size == int(size))
+def _file_matches(path: Path, want: dict) -> bool:
+    """A fetched file against its record in the entry's contents (entry.contents)."""
+    return path.stat().st_size == want.get("size") and digest_file(path) == want.get("digest")
 
 
 _remote: Remote | None = None

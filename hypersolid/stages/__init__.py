@@ -29,6 +29,7 @@ from pathlib import Path
 from .. import buildid
 from ..cache import Cache, digest_file, digest_json
 from ..config import Project, Target
+from ..entry import checked, discard, warn
 from ..run import BuildError, Log, isolated, tail_of
 
 
@@ -68,10 +69,6 @@ class Unit:
     def key(self, stage: str) -> str:
         return self.key_file(stage).read_text().strip()
 
-    def owner(self, stage: str) -> "Unit":
-        """The unit a stage's entry belongs to (arch-independent stages: no arch)."""
-        return self if STAGES[stage].per_arch or self.arch is None else self.without_arch()
-
     def recorded_key(self, stage: str) -> str:
         key_file = self.key_file(stage)
         try:
@@ -79,39 +76,50 @@ class Unit:
         except FileNotFoundError:
             raise BuildError(stage, f"{key_file} is missing: run `doit {stage}:{self.target.name}` first") from None
 
-    def output(self, stage: str) -> Path:
-        """The cache entry an upstream stage last produced for this unit.
-        Not in the local cache: fetched from the remote cache (a stage that
-        runs needs it), else built here again (the remote's copy was bad or
-        the remote went away)."""
+    def output(self, stage: str, item: str | None = None) -> Path:
+        """The cache entry an upstream stage last produced for this unit (or
+        the item of it, when a build reads just one small file), verified
+        against its manifest's record once per process (entry.py).  Not in
+        the local cache: fetched from the remote cache (a file item alone,
+        so bootstrap's epoch does not bring its tree along), else built here
+        again (the remote's copy was bad, or the remote went away)."""
         key = self.recorded_key(stage)
         entry = self.cache.lookup(stage, key)
-        if entry is not None:
-            return entry
         remote = remote_cache()
-        if remote is None:  # the task's entry check makes doit rebuild it first; this is a race
-            raise BuildError(stage, f"cache entry {key} is gone from {self.cache.root} "
-                             "(removed while this build ran?); build again")
-        entry = remote.fetch(self.cache, stage, key)
         if entry is None:
-            execute(stage, self.owner(stage))
-            entry = self.cache.lookup(stage, key)
-        if entry is None:
-            raise BuildError(stage, f"cache entry {key} could not be fetched or built again")
-        return entry
+            if remote is None:  # the task's entry check makes doit rebuild it first; this is a race
+                raise BuildError(stage, f"cache entry {key} is gone from {self.cache.root} "
+                                 "(removed while this build ran?); build again")
+            if item is not None:
+                path = remote.fetch_file(self.cache, stage, key, item)
+                if path is not None:
+                    return path  # checked against the entry's record, which hashes to the key
+            entry = remote.fetch(self.cache, stage, key) or self._rebuild(stage, key, item)
+        problems = checked(stage, key, entry, item)
+        if problems:
+            # Never let a damaged entry into an image or dist/: drop it and
+            # fetch it again, else build it here with the inputs its key file recorded.
+            warn(f"cache entry {stage}/{key} is corrupt ({'; '.join(problems)}): removed, "
+                 f"{'fetching or ' if remote else ''}rebuilding it")
+            discard(self.cache, stage, key)
+            entry = (remote.fetch(self.cache, stage, key) if remote else None) or self._rebuild(stage, key, item)
+            if checked(stage, key, entry, item):
+                raise BuildError(stage, f"cache entry {stage}/{key} was corrupt and so is its "
+                                 "replacement; build again")
+        return entry if item is None else entry / item
 
-    def output_file(self, stage: str, name: str) -> Path:
-        """One file of an upstream entry (bootstrap's epoch or lock): from
-        the local entry, else that file alone from the remote cache, so a
-        small file does not bring a whole tree down with it."""
-        key = self.recorded_key(stage)
-        entry = self.cache.lookup(stage, key)
-        remote = remote_cache() if entry is None else None
+    def _rebuild(self, stage: str, key: str, item: str | None) -> Path:
+        """Build stage/key here again (never a remote hit: that copy failed)."""
+        remote = remote_cache()
         if remote is not None:
-            path = remote.fetch_file(self.cache, stage, key, name)
-            if path is not None:
-                return path
-        return self.output(stage) / name
+            remote.forget(stage, key)
+        owner = self if STAGES[stage].per_arch or self.arch is None else self.without_arch()
+        rebuilt = execute(stage, dataclasses.replace(owner, target=real_target(owner.target)))["key"]
+        entry = self.cache.lookup(stage, rebuilt)
+        if rebuilt != key or entry is None:
+            raise BuildError(stage, f"cache entry {stage}/{key} could not be fetched, and building it "
+                             f"again gave {stage}/{rebuilt}; build again")
+        return entry
 
     def has_entry(self, stage: str) -> bool:
         """Whether the entry the stage last recorded is still in the cache,
@@ -358,6 +366,9 @@ def execute(stage_name: str, unit: Unit) -> dict:
         hit = "remote"
     elif hit is None:
         _log_why(log, key_file.with_suffix(".manifest.json"), manifest)
+        if stage.isolated:  # checked here, so the forked build inherits the memo
+            for upstream in stage.upstream_of(unit):
+                unit.output(upstream)
         with unit.cache.publish(stage_name, key, manifest) as out:
             _build(stage, unit, out, log)
         log.note(f"# built in {time.monotonic() - start:.1f}s, published as {unit.cache.entry(stage_name, key)}")

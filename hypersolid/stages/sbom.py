@@ -69,7 +69,7 @@ class Sbom(Stage):
         a, name = unit.arch, unit.target.name
         root = out / ".root"
         read_metadata(unit.output("squashfs") / image_name(a), root, log)
-        lock = unit.output("bootstrap") / "packages.lock"
+        lock = unit.output("bootstrap", "packages.lock")
         sde = source_date_epoch(unit)
         content = digest_json({"tree": describe_tree(root), "lock": digest_file(lock), "epoch": sde,
                                "target": name, "arch": a, "image": image_name(a),
