@@ -32,12 +32,9 @@ import oras.utils
 import requests
 
 from .cache import Cache, digest_file, remove_tree
-from .entry import key_of
+from .entry import FILE_TYPE, MANIFEST_TYPE, TITLE, TREE_TYPE, key_of
 
 ENV = "HYPERSOLID_REMOTE_CACHE"
-MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
-TITLE = "org.opencontainers.image.title"
-FILE_TYPE = "application/octet-stream"  # entry.FILE_TYPE: an item that is a plain file
 DEFAULT_CHUNK_MIB = 4
 TIMEOUT = (10, 120)  # connect, read (seconds)
 # An OCI repository name component (distribution's grammar).
@@ -180,6 +177,7 @@ class Remote:
         self.config = config
         self._client: _Client | None = None
         self.known: dict[tuple[str, str], bool] = {}
+        self._manifests: dict[tuple[str, str], bytes] = {}
         self.down = False
         self.push_refused = False
         self.stats = Stats()
@@ -232,11 +230,15 @@ class Remote:
     def forget(self, stage: str, key: str) -> None:
         """Count stage/key as absent for the rest of the run (its copy failed)."""
         self.known[(stage, key)] = False
+        self._manifests.pop((stage, key), None)
 
     def _manifest(self, stage: str, key: str) -> bytes:
+        if (stage, key) in self._manifests:
+            return self._manifests[(stage, key)]
         r = self._request("GET", self._url(stage, f"manifests/{key}"), headers={"Accept": MANIFEST_TYPE})
         if r.status_code != 200:
             raise RemoteFailed(f"GET manifest {stage}:{key[:12]}: {_problem(r)}")
+        self._manifests[(stage, key)] = r.content
         return r.content
 
     @contextmanager
@@ -282,7 +284,7 @@ class Remote:
             manifest = self._manifest(stage, key)
             path = entry.unpack(cache, stage, key, manifest, lambda d: self.open_blob(stage, d, check=False))
         except (entry.Corrupt, BadBlob) as err:
-            self.known[(stage, key)] = False  # rebuild it locally; never publish what failed
+            self.forget(stage, key)  # rebuild it locally; never publish what failed
             self._warn(f"{stage} entry {key} is corrupt, not used: {err}")
             return None
         except RemoteFailed as err:
@@ -292,9 +294,11 @@ class Remote:
         return path
 
     def fetch_file(self, cache: Cache, stage: str, key: str, name: str) -> Path | None:
-        """One file of an entry, without the rest (bootstrap's epoch, not its
-        tree): checked against the entry's manifest (which hashes to the key)
-        and kept in <cache>/.remote-files/<stage>/<key>/<name>."""
+        """One file of an entry that holds a tree, without the tree
+        (bootstrap's epoch and lock): checked against the entry's manifest
+        (which hashes to the key) and kept in
+        <cache>/.remote-files/<stage>/<key>/<name>.  None for an entry of
+        files only (fetch it whole: its other files are wanted too)."""
         dest = cache.root / ".remote-files" / stage / key / name
         if dest.exists():
             return dest
@@ -302,6 +306,8 @@ class Remote:
             return None
         try:
             manifest = json.loads(self._manifest(stage, key))
+            if not any(d.get("mediaType") == TREE_TYPE for d in manifest.get("layers", [])):
+                return None
             config = b"".join(self._download(stage, manifest["config"]))
             record = json.loads(config)
             if not isinstance(record, dict) or record.get("stage") != stage or key_of(record) != key:
@@ -324,7 +330,7 @@ class Remote:
                 if tmp.exists():
                     tmp.unlink()
         except (BadBlob, KeyError, ValueError, TypeError) as err:
-            self.known[(stage, key)] = False
+            self.forget(stage, key)
             self._warn(f"{stage} entry {key} is corrupt, not used: {err}")
             return None
         except RemoteFailed as err:
