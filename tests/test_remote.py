@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,12 @@ def test_one_file_of_an_entry_comes_without_its_tree(reg, tmp_path):
 def test_the_registry_binary_is_the_distribution_registry(binary):
     out = subprocess.run([str(binary), "--version"], capture_output=True, text=True).stdout
     assert "2.8" in out
+
+
+def test_a_bad_setting_stops_hypersolid_build_with_exit_2(tmp_path):
+    env = {**os.environ, "HYPERSOLID_REMOTE_CACHE": "oci://ghcr.io/acme", "HYPERSOLID_REMOTE_CACHE_MODE": "write"}
+    proc = subprocess.run([sys.executable, "-m", "hypersolid.cli", "build", "tiny"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("hypersolid: build tiny: HYPERSOLID_REMOTE_CACHE_MODE=write: "
+                                   "expected read or readwrite")
