@@ -72,10 +72,9 @@ def run_cache(args: argparse.Namespace, workspace: Path | None) -> int:
     action = args.cache_verb
     try:
         project = Project(workspace) if workspace else None
-        cache = Cache(os.environ.get("HYPERSOLID_CACHE") or default_cache_dir(project)) if project or \
-            os.environ.get("HYPERSOLID_CACHE") else None
-        if cache is None:
-            raise Failure("no workspace and no HYPERSOLID_CACHE: which cache?")
+        if project is None and not os.environ.get("HYPERSOLID_CACHE"):
+            raise Failure("no workspace here (use -C DIR) and no HYPERSOLID_CACHE: which cache?")
+        cache = Cache(default_cache_dir(project) if project else os.environ["HYPERSOLID_CACHE"])
         cache.check()
         if action == "verify":
             return verify(project, cache, args.all)
@@ -83,10 +82,15 @@ def run_cache(args: argparse.Namespace, workspace: Path | None) -> int:
             if project is None:
                 raise Failure("export needs a workspace (its build/ says which entries the targets used)")
             return export(project, cache, Path(args.file), args.targets)
+        if os.geteuid() != 0:
+            raise Failure("import unpacks trees with their owners, device nodes and capabilities: run it as root")
         return import_(cache, Path(args.file))
     except (Failure, CacheError, BuildError) as err:
         print(f"hypersolid: cache {action}: {err}", file=sys.stderr)
         return err.status if isinstance(err, Failure) else BAD
+    except OSError as err:  # the archive's directory is missing, the disk is full, ...
+        print(f"hypersolid: cache {action}: {err.strerror}: {err.filename}", file=sys.stderr)
+        return BAD
     except KeyboardInterrupt as err:
         print(f"hypersolid: cache {action}: {err or 'interrupted'}", file=sys.stderr)
         return interrupted_status(err)

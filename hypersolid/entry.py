@@ -151,6 +151,12 @@ def checked(stage: str, key: str, entry_dir: Path, only: str | None = None) -> l
     return problems
 
 
+def remember(stage: str, key: str) -> None:
+    """This process just published the entry (and recorded its contents):
+    its consumers in the same build need not hash it again."""
+    _verified.add((stage, key, None))
+
+
 def discard(cache: Cache, stage: str, key: str) -> None:
     """Remove an entry: renamed out of the way first, so it never looks half there."""
     entry = cache.entry(stage, key)

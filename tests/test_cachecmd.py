@@ -135,3 +135,6 @@ def test_usage_errors_are_one_line_with_status_2(ws, tmp_path, capsys):
     (tmp_path / "junk.tar").write_text("not a tar")
     assert hs(root, "cache", "import", str(tmp_path / "junk.tar")) == 2
     assert "not a readable tar archive" in capsys.readouterr().err
+    assert hs(root, "cache", "export", str(tmp_path / "no-such-dir" / "x.tar")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hypersolid: cache export: No such file or directory: ") and err.count("\n") == 1

@@ -160,6 +160,7 @@ def unit(tmp_path, monkeypatch) -> Unit:
 
 def test_a_corrupt_upstream_entry_is_removed_with_one_warning_and_rebuilt(unit, capsys):
     key = execute("fake-source", unit)["key"]
+    entry._verified.clear()  # a later build process
     (unit.cache.entry("fake-source", key) / "value").write_text("two")
     execute("fake-sink", unit)
     err = capsys.readouterr().err.splitlines()
@@ -271,3 +272,11 @@ def test_contents_that_differ_from_the_record_are_refused(cache, tmp_path):
         entry.unpack(other, "configure", KEY, manifest_bytes,
                      lambda d: entry.file_chunks(blobs_by_digest(blobs)[d["digest"]]))
     assert other.lookup("configure", KEY) is None
+
+
+def test_an_entry_this_process_just_built_is_not_hashed_again_by_its_consumer(unit, monkeypatch):
+    key = execute("fake-source", unit)["key"]
+    calls = []
+    monkeypatch.setattr(entry, "verify", lambda *a: calls.append(a) or [])
+    execute("fake-sink", unit)
+    assert calls == [] and (unit.cache.entry("fake-source", key)).is_dir()

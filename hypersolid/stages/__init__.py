@@ -29,7 +29,7 @@ from pathlib import Path
 from .. import buildid
 from ..cache import Cache, digest_file, digest_json
 from ..config import Project, Target
-from ..entry import checked, discard, warn
+from ..entry import checked, discard, remember, warn
 from ..run import BuildError, Log, isolated, tail_of
 
 
@@ -103,9 +103,10 @@ class Unit:
                  f"{'fetching or ' if remote else ''}rebuilding it")
             discard(self.cache, stage, key)
             entry = (remote.fetch(self.cache, stage, key) if remote else None) or self._rebuild(stage, key, item)
-            if checked(stage, key, entry, item):
-                raise BuildError(stage, f"cache entry {stage}/{key} was corrupt and so is its "
-                                 "replacement; build again")
+            still = checked(stage, key, entry, item)
+            if still:
+                raise BuildError(stage, f"cache entry {stage}/{key} was corrupt and is again after its rebuild "
+                                 f"({'; '.join(still)}); build again")
         return entry if item is None else entry / item
 
     def _rebuild(self, stage: str, key: str, item: str | None) -> Path:
@@ -115,10 +116,12 @@ class Unit:
             remote.forget(stage, key)
         owner = self if STAGES[stage].per_arch or self.arch is None else self.without_arch()
         rebuilt = execute(stage, dataclasses.replace(owner, target=real_target(owner.target)))["key"]
-        entry = self.cache.lookup(stage, rebuilt)
-        if rebuilt != key or entry is None:
-            raise BuildError(stage, f"cache entry {stage}/{key} could not be fetched, and building it "
-                             f"again gave {stage}/{rebuilt}; build again")
+        if rebuilt != key:  # its inputs changed since this build planned on its key
+            raise BuildError(stage, f"cache entry {stage}/{key} was corrupt or could not be fetched; rebuilt "
+                             f"from the current inputs it is {stage}/{rebuilt}: build again")
+        entry = self.cache.lookup(stage, key)
+        if entry is None:
+            raise BuildError(stage, f"cache entry {stage}/{key} is gone after its rebuild; build again")
         return entry
 
     def has_entry(self, stage: str) -> bool:
@@ -371,6 +374,7 @@ def execute(stage_name: str, unit: Unit) -> dict:
                 unit.output(upstream)
         with unit.cache.publish(stage_name, key, manifest) as out:
             _build(stage, unit, out, log)
+        remember(stage_name, key)
         log.note(f"# built in {time.monotonic() - start:.1f}s, published as {unit.cache.entry(stage_name, key)}")
     else:
         log.note(f"# cache hit: {hit}")
