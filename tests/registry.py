@@ -20,12 +20,12 @@ USER, PASSWORD = "builder", "s3cret-for-tests"
 
 
 def registry_binary(cache: Path) -> Path:
-    """The registry binary, unpacked once into cache/docker-registry/."""
-    root = cache / "docker-registry"
+    """The registry binary, unpacked once into cache/.docker-registry/."""
+    root = cache / ".docker-registry"  # a dot name: no stage of the cache
     binary = root / "usr" / "bin" / "docker-registry"
     if binary.exists():
         return binary
-    download = cache / "docker-registry.dl"
+    download = cache / ".docker-registry.dl"
     shutil.rmtree(download, ignore_errors=True)
     download.mkdir(parents=True)
     fetch = ["apt-get", "download", "-q", "docker-registry"]
@@ -34,7 +34,7 @@ def registry_binary(cache: Path) -> Path:
         subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True)
         subprocess.run(fetch, cwd=download, check=True, capture_output=True)
     deb, = download.glob("docker-registry_*.deb")
-    work = cache / "docker-registry.tmp"
+    work = cache / ".docker-registry.tmp"
     shutil.rmtree(work, ignore_errors=True)
     subprocess.run(["dpkg", "-x", str(deb), str(work)], check=True)
     shutil.rmtree(root, ignore_errors=True)
