@@ -52,8 +52,8 @@ def free_port() -> int:
 class Registry:
     """One registry process; `storage` is its filesystem driver's root."""
 
-    def __init__(self, binary: Path, workdir: Path, port: int | None = None):
-        self.binary, self.workdir = binary, workdir
+    def __init__(self, binary: Path, workdir: Path, port: int | None = None, read_only: bool = False):
+        self.binary, self.workdir, self.read_only = binary, workdir, read_only
         self.port = port or free_port()
         self.storage = workdir / "storage"
         self.log_path = workdir / "registry.log"
@@ -86,6 +86,9 @@ storage:
     rootdirectory: {self.storage}
   delete:
     enabled: true
+  maintenance:
+    readonly:
+      enabled: {"true" if self.read_only else "false"}
 http:
   addr: {self.address}
 auth:

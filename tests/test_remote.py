@@ -191,6 +191,22 @@ def test_a_registry_that_is_down_is_one_warning_and_then_left_alone(binary, tmp_
     assert len(err) == 1 and "cannot reach 127.0.0.1" in err[0] and "local cache only" in err[0], err
 
 
+def test_a_refused_push_is_one_warning_and_reading_goes_on(binary, tmp_path, capsys):
+    here = Cache(tmp_path / "a")
+    key = make_entry(here, "squashfs")
+    r = Registry(binary, tmp_path / "ro-registry", read_only=True).start()  # refuses every write
+    try:
+        c = client(r)
+        assert not c.push(here, "squashfs", key)
+        assert not c.push(here, "squashfs", make_entry(here, "squashfs"))  # not tried again
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "push refused" in err[0], err
+        assert not c.down and not c.has("squashfs", "0" * 32)
+        assert r.requests("POST") == 1
+    finally:
+        r.stop()
+
+
 def test_wrong_credentials_are_one_warning(reg, tmp_path, capsys):
     r = client(reg, HYPERSOLID_REMOTE_CACHE_PASSWORD="wrong")
     assert not r.has("squashfs", "0" * 32)
