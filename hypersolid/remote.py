@@ -33,6 +33,7 @@ import requests
 
 from .cache import Cache, digest_file, remove_tree
 from .entry import FILE_TYPE, MANIFEST_TYPE, TITLE, TREE_TYPE, key_of
+from .run import BuildError
 
 ENV = "HYPERSOLID_REMOTE_CACHE"
 DEFAULT_CHUNK_MIB = 4
@@ -286,6 +287,10 @@ class Remote:
         except (entry.Corrupt, BadBlob) as err:
             self.forget(stage, key)  # rebuild it locally; never publish what failed
             self._warn(f"{stage} entry {key} is corrupt, not used: {err}")
+            return None
+        except BuildError as err:  # tar could not unpack a tree (damaged on the way, or a full disk)
+            self.forget(stage, key)
+            self._warn(f"{stage} entry {key} could not be unpacked, not used: {err.message} (log: {err.log})")
             return None
         except RemoteFailed as err:
             self._went_down(err)

@@ -133,6 +133,24 @@ def test_a_tampered_blob_is_caught_and_nothing_is_published(reg, tmp_path, capsy
     assert not r.has("squashfs", key)  # counted as absent for the rest of the run: rebuilt locally
 
 
+def test_a_tampered_tree_blob_is_caught_and_nothing_is_published(reg, tmp_path, capsys):
+    here, there = Cache(tmp_path / "a"), Cache(tmp_path / "b")
+    key = make_entry(here, "configure")
+    r = client(reg)
+    assert r.push(here, "configure", key)
+    tree = next(d for d in json.loads(r._manifest("configure", key))["layers"]
+                if d["mediaType"] == "application/vnd.hypersolid.tree.v1.tar+zstd")
+    stored = reg.blob_files()[tree["digest"]]
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert client(reg).fetch(there, "configure", key) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "configure entry" in err[0] and "not used" in err[0], err
+    assert there.lookup("configure", key) is None and not list(there.tmp.glob("configure-*"))
+
+
 def test_a_manifest_that_does_not_hash_to_its_tag_is_refused(reg, tmp_path, capsys):
     here, there = Cache(tmp_path / "a"), Cache(tmp_path / "b")
     key = make_entry(here, "squashfs")
