@@ -147,7 +147,7 @@ def verify(project: Project | None, cache: Cache, every: bool) -> int:
     if not every and project is None:
         raise Failure("no workspace: use --all to check every entry of HYPERSOLID_CACHE")
     refs = all_entries(cache) if every else used_entries(project)
-    start, checked, bad, absent = time.monotonic(), 0, 0, 0
+    start, checked, bad, absent, unrecorded = time.monotonic(), 0, 0, 0, 0
     for stage, key in refs:
         path = cache.lookup(stage, key)
         if path is None:
@@ -159,8 +159,11 @@ def verify(project: Project | None, cache: Cache, every: bool) -> int:
             bad += 1
             entry.discard(cache, stage, key)
             print(f"hypersolid: cache verify: {stage}/{key}: {'; '.join(problems)}: removed")
+        elif "contents" not in entry.read_manifest(path):
+            unrecorded += 1
     gone = f", {absent} recorded here but not in the cache" if absent else ""
-    print(f"hypersolid: cache verify: {_entries(checked)} checked, {bad} bad{gone} "
+    old = f", {unrecorded} from before contents records (only their keys checked)" if unrecorded else ""
+    print(f"hypersolid: cache verify: {_entries(checked)} checked, {bad} bad{gone}{old} "
           f"({time.monotonic() - start:.1f}s)")
     return BAD if bad else OK
 

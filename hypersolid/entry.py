@@ -315,8 +315,9 @@ def unpack(cache: Cache, stage: str, key: str, manifest_bytes: bytes, open_blob:
            log: Log | None = None) -> Path:
     """Publish stage/key from its OCI manifest and blobs, each blob hashed as
     it streams, the config against the key and the unpacked items against
-    the config's contents record.  Anything wrong raises Corrupt and
-    publishes nothing."""
+    the config's contents record.  Anything wrong raises Corrupt (a tar
+    that cannot unpack a tree: BuildError, naming its log) and publishes
+    nothing."""
     if not STAGE.fullmatch(stage) or not KEY.fullmatch(key):
         raise Corrupt(f"{stage}/{key}: not a stage and key")
     manifest = parse_manifest(stage, key, manifest_bytes)

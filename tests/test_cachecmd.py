@@ -138,3 +138,14 @@ def test_usage_errors_are_one_line_with_status_2(ws, tmp_path, capsys):
     assert hs(root, "cache", "export", str(tmp_path / "no-such-dir" / "x.tar")) == 1
     err = capsys.readouterr().err
     assert err.startswith("hypersolid: cache export: No such file or directory: ") and err.count("\n") == 1
+
+
+def test_verify_says_how_many_entries_predate_contents_records(ws, capsys):
+    root, cache, keys = ws
+    path = cache.entry("configure", keys["b/configure"])
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["contents"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert hs(root, "cache", "verify") == 0
+    assert "3 entries checked, 0 bad, 1 from before contents records (only their keys checked)" in \
+        capsys.readouterr().out

@@ -280,3 +280,31 @@ def test_an_entry_this_process_just_built_is_not_hashed_again_by_its_consumer(un
     monkeypatch.setattr(entry, "verify", lambda *a: calls.append(a) or [])
     execute("fake-sink", unit)
     assert calls == [] and (unit.cache.entry("fake-source", key)).is_dir()
+
+
+def test_a_failing_pack_names_tar_and_its_log_and_leaves_no_partial_blob(tmp_path):
+    from hypersolid.run import BuildError, Log
+    log = Log(tmp_path / "pack.log", "cache")
+    with pytest.raises(BuildError) as caught:
+        entry.pack_tree(tmp_path / "no-such-tree", tmp_path / "blobs", log)
+    assert caught.value.command[0] == "tar" and caught.value.log == log.path
+    assert "status 2" in caught.value.message and "no-such-tree" in (tmp_path / "pack.log").read_text()
+    assert list((tmp_path / "blobs" / "sha256").iterdir()) == []
+
+
+def test_an_unpack_whose_tar_fails_publishes_nothing(cache, tmp_path):
+    from hypersolid.run import BuildError
+    publish(cache)
+    manifest_bytes, blobs = entry.pack(cache, "configure", KEY, tmp_path / "blobs")
+    tree = next(b for b in blobs if b.title == "tree")
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"not zstd at all" * 100)
+    manifest = json.loads(manifest_bytes)
+    layer = next(l for l in manifest["layers"] if l["digest"] == tree.digest)
+    layer["size"] = garbage.stat().st_size  # right size, wrong bytes: tar fails before the digest is known
+    by = blobs_by_digest(blobs)
+    other = Cache(tmp_path / "other")
+    with pytest.raises((BuildError, entry.Corrupt)):
+        entry.unpack(other, "configure", KEY, json.dumps(manifest).encode(),
+                     lambda d: entry.file_chunks(garbage if d["digest"] == tree.digest else by[d["digest"]]))
+    assert other.lookup("configure", KEY) is None
