@@ -80,6 +80,15 @@ def buildable_names(project: Project) -> list[str]:
     return [t.name for t in project.buildable()]
 
 
+def check_remote() -> None:
+    """A bad HYPERSOLID_REMOTE_CACHE* value: one line and exit 2, before any build."""
+    from . import remote
+    try:
+        remote.config_from_env()
+    except remote.RemoteConfigError as err:
+        raise Failure(str(err), USAGE) from None
+
+
 def cache_of(project: Project) -> Cache:
     return Cache(default_cache_dir(project))
 
@@ -519,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         from .resolve import REFRESH_ENV
         os.environ[REFRESH_ENV] = "1"
     try:
+        if args.verb in ("build", "build-deploy", "update", "attach"):
+            check_remote()
         project, target = resolve(args.target, args.workspace)
         if args.verb == "build":
             build(project, target)
