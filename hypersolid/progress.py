@@ -146,7 +146,7 @@ class Display:
 
     def _terminal_width(self) -> int:
         try:
-            return os.get_terminal_size(self.fd).columns
+            return os.get_terminal_size(self.fd).columns or 80  # 0: a pty nobody sized
         except OSError:
             return 80
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import time
+import uuid
 
+import pytest
+
+from conftest import TestProject, needs_root_and_tools, tiny_target
 from hypersolid import progress
 from hypersolid.run import Log
 
@@ -141,6 +147,52 @@ def test_quiet_turns_it_off(monkeypatch, tmp_path):
         assert progress.display_for(stream) is None
 
 
+def test_the_reporter_shows_a_running_stage_unless_quiet(monkeypatch, tmp_path):
+    """doit's reporter, its own lines intact, with the progress line of a
+    stage it was told started (plain: the output is a file)."""
+    from doit.task import Task
+    from hypersolid.report import LOG, PROGRESS, TimingReporter
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0.2")
+    log = tmp_path / "logs/squashfs.log"
+    for quiet in ("0", "1"):
+        monkeypatch.setenv(progress.QUIET_ENV, quiet)
+        with open(tmp_path / f"out-{quiet}", "w+") as out:
+            reporter = TimingReporter(out, {})
+            task = Task("squashfs:t", [(lambda: None, [])],
+                        meta={PROGRESS: str(log.with_suffix(".progress")), LOG: str(log)})
+            monkeypatch.setattr(progress, "AFTER", 0.1)
+            reporter.execute_task(task)
+            time.sleep(1.5)
+            reporter.add_success(task)
+            reporter.complete_run()
+            out.seek(0)
+            text = out.read()
+        assert text.startswith(".  squashfs:t\n") and "hypersolid: stage timings" in text
+        assert ("hypersolid: running squashfs:t 0s" in text) == (quiet == "0"), text
+
+
 def test_elapsed_times_read_as_minutes_past_a_minute():
     assert [progress.elapsed(s) for s in (0, 59.9, 60, 125)] == ["0s", "59s", "1m00s", "2m05s"]
     assert re.fullmatch(r"\S+ \d+s", progress.line("x:y", 3, {}))
+
+
+@pytest.mark.integration
+def test_a_real_bootstrap_prints_packages_downloaded_n_of_n_in_a_log(tmp_path, shared_cache):
+    """Not a terminal (a pipe, as in CI), with a 1 s interval: the bootstrap's
+    plain progress lines name the stage and its packages n/N, and doit's own
+    lines are still there for the tests that parse them."""
+    needs_root_and_tools()
+    project = TestProject(tmp_path / "project", shared_cache)
+    project.target("tiny", tiny_target())
+    # A post-bootstrap hook with this run's own text: a bootstrap that really runs.
+    project.write("targets/tiny/hooks/post-bootstrap.d/10-mark", f"#!/bin/sh\n# {uuid.uuid4()}\n", mode=0o755)
+    try:
+        result = project.doit("bootstrap:tiny", env={progress.INTERVAL_ENV: "1"})
+        assert "bootstrap:tiny" in result.executed
+        counts = re.findall(r"^hypersolid: running bootstrap:tiny \d+s, packages downloaded (\d+)/(\d+) "
+                            r"\(\d+\.\d MB\)", result.output, re.M)
+        assert counts, result.output
+        assert all(0 < int(n) <= int(total) for n, total in counts)
+        assert not (project.root / "build/tiny/amd64/logs/bootstrap.progress").exists()
+    finally:
+        shutil.rmtree(project.entry("bootstrap", "tiny"), ignore_errors=True)
