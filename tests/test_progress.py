@@ -196,3 +196,27 @@ def test_a_real_bootstrap_prints_packages_downloaded_n_of_n_in_a_log(tmp_path, s
         assert not (project.root / "build/tiny/amd64/logs/bootstrap.progress").exists()
     finally:
         shutil.rmtree(project.entry("bootstrap", "tiny"), ignore_errors=True)
+
+
+def test_stages_run_side_by_side_by_default_and_serially_when_asked(monkeypatch):
+    from doit.exceptions import InvalidDodoFile
+    from hypersolid import tasks
+    monkeypatch.delenv(tasks.JOBS_ENV, raising=False)
+    assert 2 <= tasks.jobs(["bootfiles:qemu-amd64"]) <= 4
+    monkeypatch.setenv(tasks.JOBS_ENV, "3")
+    assert tasks.jobs([]) == 3
+    assert tasks.jobs(["boot:qemu-amd64", "--storage", "x"]) == 1  # qemu needs the terminal's stdin
+    assert tasks.parallel(1) == {"num_process": 0}                 # doit's in-process runner
+    assert tasks.parallel(3) == {"num_process": 3, "par_type": "process"}
+    monkeypatch.setenv(tasks.JOBS_ENV, "many")
+    with pytest.raises(InvalidDodoFile, match="HYPERSOLID_JOBS='many'"):
+        tasks.jobs([])
+
+
+def test_a_stage_failure_crosses_from_a_worker_process_intact():
+    import pickle
+    from hypersolid.run import BuildError, Interrupted
+    from hypersolid.tasks import StageFailed
+    failed = pickle.loads(pickle.dumps(StageFailed(BuildError("squashfs:t", "mksquashfs failed", ["mksquashfs"]))))
+    assert failed.error.message == "mksquashfs failed" and "squashfs:t: mksquashfs failed" in failed.get_msg()
+    assert Interrupted("interrupted by SIGTERM").status == 143  # as doit rebuilds a worker's interruption
