@@ -220,3 +220,16 @@ def test_a_stage_failure_crosses_from_a_worker_process_intact():
     failed = pickle.loads(pickle.dumps(StageFailed(BuildError("squashfs:t", "mksquashfs failed", ["mksquashfs"]))))
     assert failed.error.message == "mksquashfs failed" and "squashfs:t: mksquashfs failed" in failed.get_msg()
     assert Interrupted("interrupted by SIGTERM").status == 143  # as doit rebuilds a worker's interruption
+
+
+def test_debsbom_warnings_go_to_the_stage_log_not_the_console(tmp_path, capfd):
+    """They would land in the middle of the progress block (every build warns
+    "no supplier for linux@...")."""
+    import logging
+    from hypersolid.stages.sbom import warnings_to
+    log = Log(tmp_path / "logs/sbom.log", "sbom:t/amd64")
+    with warnings_to(log):
+        logging.getLogger("debsbom.generate.cdx").warning("no supplier for linux@6.1")
+    assert "# debsbom WARNING: no supplier for linux@6.1" in log.path.read_text()
+    out, err = capfd.readouterr()
+    assert "no supplier" not in out + err
