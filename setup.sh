@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 
 APT_PACKAGES="multistrap apt-utils squashfs-tools systemd-container binfmt-support qemu-user-static
 cpio util-linux fdisk e2fsprogs qemu-system-x86 qemu-system-arm python3 python3-venv
-dosfstools mtools bmap-tools zstd ovmf qemu-efi-aarch64"
+dosfstools mtools bmap-tools zstd ovmf qemu-efi-aarch64 attr acl libcap2-bin"
 
 if [ "$(id -u)" != 0 ]; then
     echo "setup.sh: run as root: builds run containers, mount overlays and install host packages" >&2

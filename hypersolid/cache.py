@@ -4,6 +4,11 @@ An entry is ``<cache>/<stage>/<key>/`` where key is the xxh3-128 of the
 stage's manifest (its settings, input file digests, upstream keys and code
 version).  Entries are built under ``<cache>/tmp/`` and renamed into place
 once complete, so a crash or Ctrl-C never leaves one that looks valid.
+
+Every lookup that finds an entry, and every publish, records the entry's
+last use as the mtime of its stamp file ``.used`` (one utime), which is
+what `hypersolid cache gc` orders by.  Names starting with "." at an
+entry's top level are bookkeeping, not content.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import re
 import secrets
 import shutil
 import stat
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -20,15 +26,19 @@ from typing import Iterator
 import xxhash
 
 CHUNK = 1 << 20
+USED = ".used"  # an entry's last-use stamp (its mtime)
 
 
 def digest_bytes(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def digest_file(path: Path | str) -> str:
-    h = xxhash.xxh3_128()
+def digest_file(path: Path | str, size: int | None = None) -> str:
+    """size (when known, e.g. from a stat): a small file is hashed in one read."""
     with open(path, "rb") as f:
+        if size is not None and size < CHUNK:
+            return xxhash.xxh3_128_hexdigest(f.read())
+        h = xxhash.xxh3_128()
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -44,25 +54,36 @@ def digest_json(obj) -> str:
 
 def describe_tree(root: Path) -> dict[str, list]:
     """Every entry under root with what matters for an image: type, mode,
-    owner and content (file digest or link target).  Paths are relative."""
+    owner and content (file digest or link target).  Paths are relative.
+    (One scandir per directory and relative paths built as it descends:
+    entries are verified with this, so its speed is a build's.)"""
     out: dict[str, list] = {}
-    root = Path(root)
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted([*dirnames, *filenames]):
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            rel = os.path.relpath(path, root)
+
+    def walk(directory: str, prefix: str) -> None:
+        try:
+            with os.scandir(directory) as it:
+                children = sorted(it, key=lambda e: e.name)
+        except OSError:  # as os.walk: an unreadable directory lists nothing
+            return
+        subdirs = []
+        for child in children:
+            st = child.stat(follow_symlinks=False)
+            rel = prefix + child.name
             mode = stat.S_IMODE(st.st_mode)
             if stat.S_ISLNK(st.st_mode):
-                entry = ["link", os.readlink(path)]
+                entry = ["link", os.readlink(child.path)]
             elif stat.S_ISDIR(st.st_mode):
                 entry = ["dir", mode]
+                subdirs.append((child.path, rel + "/"))
             elif stat.S_ISREG(st.st_mode):
-                entry = ["file", mode, digest_file(path)]
+                entry = ["file", mode, digest_file(child.path, st.st_size)]
             else:
                 entry = ["special", st.st_mode, st.st_rdev]
             out[rel] = entry + [st.st_uid, st.st_gid]
+        for path, sub in subdirs:
+            walk(path, sub)
+
+    walk(os.fspath(root), "")
     return out
 
 
@@ -94,12 +115,14 @@ class Cache:
         return self.root / stage / key
 
     def lookup(self, stage: str, key: str) -> Path | None:
+        """The entry if it is there, recording this as its last use."""
         path = self.entry(stage, key)
-        return path if path.is_dir() else None
+        return path if mark_used(path) else None
 
     @contextmanager
     def publish(self, stage: str, key: str, manifest: dict) -> Iterator[Path]:
-        """Yield an empty work directory; on success it becomes the entry.
+        """Yield an empty work directory; on success it becomes the entry,
+        its manifest.json recording the digests of what it holds (entry.py).
 
         Anything that escapes the block (including KeyboardInterrupt) removes
         the half-built directory instead.
@@ -109,6 +132,9 @@ class Cache:
         work.mkdir()
         try:
             yield work
+            if "contents" not in manifest:  # given: an unpack that checked what it unpacked
+                from .entry import contents  # entry.py builds on this module
+                manifest = {**manifest, "contents": contents(work)}
             (work / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
             final = self.entry(stage, key)
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -118,6 +144,7 @@ class Cache:
                 if not final.is_dir():  # anything but "someone published it first"
                     raise
                 remove_tree(work)
+            mark_used(final)  # publishing is a use
         except BaseException:
             remove_tree(work)
             raise
@@ -133,6 +160,47 @@ class Cache:
                 continue
             if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
                 remove_tree(work)
+
+
+def mark_used(entry: Path) -> bool:
+    """Stamp now as the entry directory's last use: one utime of entry/.used
+    (created the first time).  False if there is no such entry; a cache that
+    cannot be written (read-only) still counts as found."""
+    stamp = os.path.join(entry, USED)
+    try:
+        os.utime(stamp)
+        return True
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return os.path.isdir(entry)
+    try:
+        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return os.path.isdir(entry)
+
+
+def last_used(entry: Path) -> float:
+    """When an entry was last used: its stamp, else when it was published."""
+    for name in (USED, "manifest.json", "."):
+        try:
+            return os.stat(os.path.join(entry, name)).st_mtime
+        except OSError:
+            continue
+    return 0.0
+
+
+def mark_file_used(path: Path) -> None:
+    """A cached file's (a .deb's) last use is its atime, set explicitly: its
+    mtime stays, which the deb proxy's verified memo compares."""
+    try:
+        st = os.stat(path)
+        os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
+    except OSError:
+        pass
 
 
 # A temporary name that carries its writer's pid: `.<name>.tmp-<pid>` (or

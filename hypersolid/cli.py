@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import __version__, hooks, lock, lockfile, report
 from .cache import Cache, remove_tree
+from .cachecmd import add_cache_verb, run_cache
 from .config import ConfigError, Project, Target
 from .container import emulated, ensure_binfmt, run_in
 from .mounts import writable_view
@@ -77,6 +78,15 @@ def resolve(spec: str, workspace: str | None) -> tuple[Project, Target]:
 def buildable_names(project: Project) -> list[str]:
     """The targets that load and are not abstract (bad ones are left out)."""
     return [t.name for t in project.buildable()]
+
+
+def check_remote() -> None:
+    """A bad HYPERSOLID_REMOTE_CACHE* value: one line and exit 2, before any build."""
+    from . import remote
+    try:
+        remote.config_from_env()
+    except remote.RemoteConfigError as err:
+        raise Failure(str(err), USAGE) from None
 
 
 def cache_of(project: Project) -> Cache:
@@ -321,13 +331,18 @@ def clean(project: Project, target: Target, with_cache: bool) -> None:
 
 def entries_of(project: Project, target: Target, cache: Cache) -> set[tuple[str, str]]:
     """(stage, key) of a target's cache entries: those its last build
-    recorded in build/<target>/ and those its current inputs would use."""
+    recorded in build/<target>/ (the sbom's memo too: sbom-content.key) and
+    those its current inputs would use; ("apt", digest): its resolver's apt
+    state."""
+    from .gc import APT, apt_states
+    from .stages.sbom import MEMO
     found = set()
     for key_file in (project.root / "build" / target.name).rglob("*.key"):
         found.add((key_file.stem, key_file.read_text().strip()))
     for arch in target.architectures:
         found |= set(planned_keys(Unit(project, target, arch, cache)).items())
-    return {(s, k) for s, k in found if s in STAGES and STAGES[s].cached}
+    found |= {(APT, state.name) for state in apt_states(project, cache, [target])}
+    return {(s, k) for s, k in found if s in (MEMO, APT) or (s in STAGES and STAGES[s].cached)}
 
 
 def clean_cache(project: Project, target: Target) -> None:
@@ -347,14 +362,15 @@ def clean_cache(project: Project, target: Target) -> None:
         for entry in entries_of(project, other, cache) & mine:
             shared.setdefault(entry, []).append(name)
     dropped = 0
-    for stage, key in sorted(mine - set(shared)):
-        entry = cache.entry(stage, key)
-        if entry.is_dir():
-            doomed = cache.tmp / f"drop-{stage}-{key[:12]}.{os.getpid()}"  # gone at once, removed after
-            cache.tmp.mkdir(parents=True, exist_ok=True)
-            os.rename(entry, doomed)
-            remove_tree(doomed)
-            dropped += 1
+    with lock.own_cache(cache.root):  # no build is using them meanwhile
+        for stage, key in sorted(mine - set(shared)):
+            entry = cache.entry(stage, key)
+            if entry.is_dir():
+                doomed = cache.tmp / f"drop-{stage}-{key[:12]}.{os.getpid()}"  # gone at once, removed after
+                cache.tmp.mkdir(parents=True, exist_ok=True)
+                os.rename(entry, doomed)
+                remove_tree(doomed)
+                dropped += 1
     for key_file in (project.root / "build" / target.name).rglob("*.key"):
         key_file.unlink()  # doit re-runs those stages next time
         key_file.with_suffix(".manifest.json").unlink(missing_ok=True)
@@ -362,6 +378,61 @@ def clean_cache(project: Project, target: Target) -> None:
                   if cache.entry(stage, key).is_dir())
     print(f"hypersolid: dropped {dropped} cache entr{'y' if dropped == 1 else 'ies'} of {target.name}"
           + (f"; kept shared: {'; '.join(kept)}" if kept else ""))
+
+
+# --- list -----------------------------------------------------------------------
+
+def listing(project: Project) -> dict:
+    """What a CI matrix fans out from: each buildable target and architecture
+    with its doit task names and every cached stage's planned key (known
+    before anything is built, see stages.planned_keys; final once the
+    package set is: a `lock:` file, or this checkout's last resolution)."""
+    from .stages.bootstrap import lock_path
+    from .tasks import ORDER
+    cache = cache_of(project)
+    found = project.buildable()
+    targets, matrix = [], []
+    for target in found:
+        arches = []
+        for arch in target.architectures:
+            unit = Unit(project, target, arch, cache)
+            sub = subtask(target, arch)
+            tasks = {}
+            for name in ORDER:
+                stage = STAGES[name]
+                owner = unit if stage.per_arch else unit.without_arch()
+                if stage.applies(owner):
+                    tasks[name] = f"{name}:{subtask(target, arch if stage.per_arch else None)}"
+            keys = planned_keys(unit)
+            doit = [tasks["bootfiles"]] + ([tasks["disk"]] if target.disk_build and "disk" in tasks else [])
+            arches.append({"arch": arch, "subtask": sub, "tasks": tasks, "keys": keys,
+                           "cached": {s: cache.entry(s, k).is_dir() for s, k in keys.items()},
+                           "resolved": lock_path(unit).exists(), "doit": doit})
+            matrix.append({"target": target.name, "arch": arch, "doit": " ".join(doit),
+                           "dist": f"dist/{target.name}"})
+        targets.append({"name": target.name, "architectures": arches, "dist": f"dist/{target.name}"})
+    return {"workspace": str(project.root), "cache": str(cache.root), "targets": targets, "matrix": matrix,
+            "errors": {name: str(err) for name, err in found.errors.items()}}
+
+
+def list_targets(workspace: str | None, as_json: bool) -> int:
+    root = Path(workspace).resolve() if workspace else find_workspace(Path.cwd())
+    data = listing(Project(root))
+    if as_json:
+        print(json.dumps(data, indent=1))
+        return OK
+    rows = [("TARGET", "ARCH", "DOIT TASKS", "CACHED")]
+    for t in data["targets"]:
+        for a in t["architectures"]:
+            done = sum(a["cached"].values())
+            rows.append((t["name"], a["arch"], " ".join(a["doit"]),
+                         f"{done}/{len(a['cached'])}" + ("" if a["resolved"] else " (not resolved yet: keys from bootstrap on will change)")))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+    for name, err in data["errors"].items():
+        print(f"bad target {name}: {err}")
+    return OK
 
 
 # --- command line ---------------------------------------------------------------------
@@ -412,6 +483,10 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--arch", help="which architecture's image (default: the target's first)")
     f.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     add_diff_verb(verbs)
+    add_cache_verb(verbs)
+    text = "the buildable targets, their architectures, doit tasks and planned cache keys (a CI matrix)"
+    v = verbs.add_parser("list", help=text, description=text)
+    v.add_argument("--json", action="store_true", help="as JSON (docs/ci.md): targets, keys, and a `matrix` list")
     return p
 
 
@@ -443,6 +518,14 @@ def main(argv: list[str] | None = None) -> int:
     set_build_umask()
     if args.verb == "diff":
         return run_diff(args)
+    if args.verb == "cache":
+        return run_cache(args, cache_workspace(args.workspace))
+    if args.verb == "list":
+        try:
+            return list_targets(args.workspace, args.json)
+        except Failure as err:
+            print(f"hypersolid: list: {err}", file=sys.stderr)
+            return err.status
     if getattr(args, "no_wait", False):
         os.environ[lock.NO_WAIT] = "1"
     if getattr(args, "jobs", None):
@@ -453,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         from .resolve import REFRESH_ENV
         os.environ[REFRESH_ENV] = "1"
     try:
+        if args.verb in ("build", "build-deploy", "update", "attach"):
+            check_remote()
         project, target = resolve(args.target, args.workspace)
         if args.verb == "build":
             build(project, target)
@@ -490,6 +575,16 @@ def add_diff_verb(verbs) -> None:
     v.add_argument("a", metavar="A", help="a dist directory (dist/T/) or a system image (system-<arch>.img)")
     v.add_argument("b", metavar="B", help="the same kind as A")
     v.add_argument("--json", action="store_true", help="the same report as JSON")
+
+
+def cache_workspace(given: str | None) -> Path | None:
+    """The workspace for `hypersolid cache` (None: none here; HYPERSOLID_CACHE may still name a cache)."""
+    if given:
+        return Path(given).resolve()
+    try:
+        return find_workspace(Path.cwd())
+    except Failure:
+        return None
 
 
 def run_diff(args) -> int:

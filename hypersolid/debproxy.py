@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import unquote, urlsplit
 
-from .cache import sweep_leftovers, temp_name
+from .cache import mark_file_used, sweep_leftovers, temp_name
 
 SEGMENT = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9._~+:@=,-]*")
 STANZA = re.compile(rb"^Filename: *(\S+)\n(?:[^\n]+\n)*?Size: *(\d+)\n(?:[^\n]+\n)*?SHA256: *([0-9a-fA-F]{64})$",
@@ -490,6 +490,7 @@ class DebProxy:
                             if not head:
                                 shutil.copyfileobj(f, self.wfile)
                             proxy._count("served_from_cache", size)
+                            mark_file_used(cached)
                             return
                     proxy._note(f"# deb proxy: {cached} is damaged ({wrong}); downloading it again")
                     cached.unlink(missing_ok=True)
@@ -592,6 +593,7 @@ def fetch_debs(store: Path, entries, *, upstream_proxy: str | None = None, log=N
         path = store_path(store, entry.url)
         if path.is_file():
             if _sha256(path) == entry.sha256:
+                mark_file_used(path)  # its last use, for `hypersolid cache gc`
                 with lock:
                     stats["reused"] += path.stat().st_size
                 return entry, path, None

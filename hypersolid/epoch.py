@@ -101,7 +101,7 @@ def write(unit, tree: Path, out: Path, log) -> int:
 
 def source_date_epoch(unit) -> int:
     """This build's epoch, as bootstrap recorded it."""
-    return int((unit.output("bootstrap") / FILE).read_text())
+    return int(unit.output("bootstrap", FILE).read_text())
 
 
 def env(value: int) -> dict[str, str]:

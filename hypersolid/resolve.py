@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from .cache import digest_file, digest_json
+from .cache import digest_file, digest_json, mark_used
 from .config import DEBIAN_KEYRING
 from .debproxy import parse_packages
 from .lockfile import LockEntry
@@ -178,6 +178,7 @@ def resolve(cache_root: Path, sections: list[dict], names: list[str], arch: str,
         raise log.fail(f"the keyring {keyring} is missing (install debian-archive-keyring, or set apt_keyring)")
     state = state_dir(cache_root, sections, arch, keyring)
     conf = prepare(state, sections, arch, keyring, proxy)
+    mark_used(state)  # its last use, for `hypersolid cache gc`
     env = {"APT_CONFIG": str(conf), "LC_ALL": "C"}
     start = time.monotonic()
     update = run(["apt-get", "-q", "update", "-o", "APT::Update::Error-Mode=any"], log, env=env, check=False)

@@ -31,8 +31,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import BinaryIO, Callable, Iterator, Mapping, Sequence
 
 # A fixed, minimal environment: builds must not depend on the caller's locale
 # or leak its variables into the image.
@@ -289,6 +290,44 @@ def run(argv: Sequence[str], log: Log, *, env: Mapping[str, str] | None = None,
     if check and proc.returncode != 0:
         raise log.fail(f"command exited with status {proc.returncode}", argv)
     return subprocess.CompletedProcess(argv, proc.returncode, stdout or b"")
+
+
+@contextmanager
+def piped(argv: Sequence[str], log: Log, *, write: bool = False) -> Iterator[BinaryIO]:
+    """Run argv with its stdout (or, write=True, its stdin) as a pipe this
+    process streams through: a tar that packs or unpacks a tree while the
+    caller hashes the bytes.  The other streams go to the log.  Leaving the
+    block waits for the command (a failure raises BuildError); an exception
+    inside it kills the command first."""
+    argv = [os.fspath(a) for a in argv]
+    log.note(f"$ {shlex.join(argv)}" + (" < (stream)" if write else " > (stream)"))
+    start = time.monotonic()
+    with open(log.path, "ab") as out:
+        try:
+            proc = spawn(argv, env=BASE_ENV, stdin=subprocess.PIPE if write else subprocess.DEVNULL,
+                         stdout=out if write else subprocess.PIPE, stderr=out)
+        except FileNotFoundError:
+            raise log.fail(f"{argv[0]} is not installed (see README: setup)", argv) from None
+        pipe = proc.stdin if write else proc.stdout
+        try:
+            yield pipe
+            pipe.close()
+            proc.wait()
+        except BrokenPipeError:  # it stopped reading: it failed, its log says why
+            proc.wait()
+            raise log.fail(f"command exited with status {proc.returncode} before reading all its input",
+                           argv) from None
+        except BaseException:
+            stop(proc)
+            try:
+                pipe.close()
+            except OSError:
+                pass
+            log.note(f"# killed after {time.monotonic() - start:.1f}s: the stream was abandoned")
+            raise
+    log.note(f"# exit {proc.returncode} after {time.monotonic() - start:.1f}s")
+    if proc.returncode != 0:
+        raise log.fail(f"command exited with status {proc.returncode}", argv)
 
 
 def _streams(console: str, capture: bool, has_input: bool, out) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 from doit.exceptions import InvalidDodoFile, TaskError, TaskFailed
 from doit.tools import config_changed
 
-from . import buildid, lock
+from . import buildid, lock, remote
 from .cache import Cache, CacheError, digest_json
 from .checker import XxhashChecker
 from .config import Project, Target
@@ -68,13 +68,20 @@ def subtask_name(target: Target, arch: str | None) -> str:
 
 @lru_cache(maxsize=None)
 def _cache(root: str) -> Cache:
-    """The cache, checked and swept once per run of work dirs left by killed builds."""
+    """The cache, checked, held shared for this run (no gc removes an entry
+    under a running build: lock.share_cache) and swept once of work dirs
+    left by killed builds."""
     try:
         cache = Cache(default_cache_dir(_project(root)))
         cache.check()
     except CacheError as err:
         raise InvalidDodoFile(str(err)) from None
+    lock.share_cache(cache.root)
     cache.collect_garbage()
+    try:
+        remote.get()  # a bad HYPERSOLID_REMOTE_CACHE* value: one line at load, not a traceback mid-build
+    except remote.RemoteConfigError as err:
+        raise InvalidDodoFile(str(err)) from None
     return cache
 
 
@@ -124,9 +131,10 @@ def run_stage(stage_name: str, unit: Unit):
 
 
 def entry_present(stage_name: str, unit: Unit):
-    """uptodate: the entry the stage last recorded is still in the cache, so
-    a removed cache (or entry) rebuilds by itself instead of doit believing
-    the key file."""
+    """uptodate: the entry the stage last recorded is still in the cache (or
+    the remote cache: a hit there is not downloaded until a stage that runs
+    needs it), so a removed cache (or entry) rebuilds by itself instead of
+    doit believing the key file."""
     return lambda: unit.has_entry(stage_name)
 
 

@@ -62,6 +62,6 @@ def last_build_lock(unit: Unit) -> Path | None:
     if dist.exists():
         return dist
     if unit.has_entry("bootstrap"):
-        return unit.output("bootstrap") / "packages.lock"
+        return unit.output("bootstrap", "packages.lock")
     return None
 

@@ -37,7 +37,8 @@ def test_publish_makes_the_entry_appear_only_on_success(cache):
     entry = cache.lookup("bootstrap", KEY)
     assert entry == cache.root / "bootstrap" / KEY
     assert (entry / "tree" / "file").read_text() == "content"
-    assert json.loads((entry / "manifest.json").read_text()) == {"stage": "bootstrap"}
+    manifest = json.loads((entry / "manifest.json").read_text())
+    assert manifest["stage"] == "bootstrap" and set(manifest) == {"stage", "contents"}  # contents: entry.py
     assert not work.exists()
     assert tmp_entries(cache) == []
 
@@ -84,8 +85,8 @@ def test_publishing_the_same_key_twice_keeps_one_entry(cache):
     assert entries == [cache.root / "squashfs" / KEY]
     entry = cache.lookup("squashfs", KEY)
     assert (entry / "out").read_text() == "first"
-    assert json.loads((entry / "manifest.json").read_text()) == {"n": 1}
-    assert sorted(p.name for p in entry.iterdir()) == ["manifest.json", "out"]
+    assert json.loads((entry / "manifest.json").read_text())["n"] == 1
+    assert sorted(p.name for p in entry.iterdir()) == [".used", "manifest.json", "out"]  # .used: last use
     assert tmp_entries(cache) == []
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from .. import buildid
 from ..cache import Cache, digest_file, digest_json
 from ..config import Project, Target
+from ..entry import checked, discard, remember, warn
 from ..run import BuildError, Log, isolated, tail_of
 
 
@@ -68,26 +69,78 @@ class Unit:
     def key(self, stage: str) -> str:
         return self.key_file(stage).read_text().strip()
 
-    def output(self, stage: str) -> Path:
-        """The cache entry an upstream stage last produced for this unit."""
+    def recorded_key(self, stage: str) -> str:
         key_file = self.key_file(stage)
         try:
-            key = key_file.read_text().strip()
+            return key_file.read_text().strip()
         except FileNotFoundError:
             raise BuildError(stage, f"{key_file} is missing: run `doit {stage}:{self.target.name}` first") from None
+
+    def output(self, stage: str, item: str | None = None) -> Path:
+        """The cache entry an upstream stage last produced for this unit (or
+        the item of it, when a build reads just one small file), verified
+        against its manifest's record once per process (entry.py).  Not in
+        the local cache: fetched from the remote cache (a file item alone,
+        so bootstrap's epoch does not bring its tree along), else built here
+        again (the remote's copy was bad, or the remote went away)."""
+        key = self.recorded_key(stage)
         entry = self.cache.lookup(stage, key)
-        if entry is None:  # the task's entry check makes doit rebuild it first; this is a race
-            raise BuildError(stage, f"cache entry {key} is gone from {self.cache.root} "
-                             "(removed while this build ran?); build again")
+        remote = remote_cache()
+        if entry is None:
+            if remote is None:  # the task's entry check makes doit rebuild it first; this is a race
+                raise BuildError(stage, f"cache entry {key} is gone from {self.cache.root} "
+                                 "(removed while this build ran?); build again")
+            if item is not None:
+                path = remote.fetch_file(self.cache, stage, key, item)
+                if path is not None:
+                    return path  # checked against the entry's record, which hashes to the key
+            entry = remote.fetch(self.cache, stage, key) or self._rebuild(stage, key, item)
+        problems = checked(stage, key, entry, item)
+        if problems:
+            # Never let a damaged entry into an image or dist/: drop it and
+            # fetch it again, else build it here with the inputs its key file recorded.
+            warn(f"cache entry {stage}/{key} is corrupt ({'; '.join(problems)}): removed, "
+                 f"{'fetching or ' if remote else ''}rebuilding it")
+            discard(self.cache, stage, key)
+            entry = (remote.fetch(self.cache, stage, key) if remote else None) or self._rebuild(stage, key, item)
+            still = checked(stage, key, entry, item)
+            if still:
+                raise BuildError(stage, f"cache entry {stage}/{key} was corrupt and is again after its rebuild "
+                                 f"({'; '.join(still)}); build again")
+        return entry if item is None else entry / item
+
+    def _rebuild(self, stage: str, key: str, item: str | None) -> Path:
+        """Build stage/key here again (never a remote hit: that copy failed)."""
+        remote = remote_cache()
+        if remote is not None:
+            remote.forget(stage, key)
+        owner = self if STAGES[stage].per_arch or self.arch is None else self.without_arch()
+        rebuilt = execute(stage, dataclasses.replace(owner, target=real_target(owner.target)))["key"]
+        if rebuilt != key:  # its inputs changed since this build planned on its key
+            raise BuildError(stage, f"cache entry {stage}/{key} was corrupt or could not be fetched; rebuilt "
+                             f"from the current inputs it is {stage}/{rebuilt}: build again")
+        entry = self.cache.lookup(stage, key)
+        if entry is None:
+            raise BuildError(stage, f"cache entry {stage}/{key} is gone after its rebuild; build again")
         return entry
 
     def has_entry(self, stage: str) -> bool:
-        """Whether the entry the stage last recorded is still in the cache."""
+        """Whether the entry the stage last recorded is still in the cache,
+        or in the remote cache (asked only when the local one lacks it)."""
         try:
             key = self.key_file(stage).read_text().strip()
         except OSError:
             return False
-        return self.cache.lookup(stage, key) is not None
+        if self.cache.lookup(stage, key) is not None:
+            return True
+        remote = remote_cache()
+        return remote is not None and remote.has(stage, key)
+
+
+def remote_cache():
+    """The configured remote cache (remote.py), or None."""
+    from .. import remote
+    return remote.get()
 
 
 # What every stage may read of a target without declaring it: which target
@@ -304,18 +357,29 @@ def execute(stage_name: str, unit: Unit) -> dict:
     log.note(f"# key {key}")
     key_file = unit.key_file(stage_name)
     hit = unit.cache.lookup(stage_name, key) if stage.cached else None
+    remote = remote_cache() if stage.cached else None
     start = time.monotonic()
     if not stage.cached:
         _log_why(log, key_file.with_suffix(".manifest.json"), manifest)
         _build(stage, unit, None, log)  # writes its outputs itself, each atomically
         log.note(f"# built in {time.monotonic() - start:.1f}s")
+    elif hit is None and remote is not None and remote.has(stage_name, key):
+        # Fetched later, by a stage that runs and needs the contents (Unit.output).
+        log.note(f"# remote cache hit: {remote.config.url} {stage_name}:{key}")
+        hit = "remote"
     elif hit is None:
         _log_why(log, key_file.with_suffix(".manifest.json"), manifest)
+        if stage.isolated:  # checked here, so the forked build inherits the memo
+            for upstream in stage.upstream_of(unit):
+                unit.output(upstream)
         with unit.cache.publish(stage_name, key, manifest) as out:
             _build(stage, unit, out, log)
+        remember(stage_name, key)
         log.note(f"# built in {time.monotonic() - start:.1f}s, published as {unit.cache.entry(stage_name, key)}")
     else:
         log.note(f"# cache hit: {hit}")
+    if remote is not None and hit != "remote" and remote.push(unit.cache, stage_name, key):
+        log.note(f"# pushed to {remote.config.url}")
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.with_suffix(".manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     tmp = key_file.with_name(key_file.name + ".tmp")

@@ -110,7 +110,7 @@ class Bootfiles(Stage):
         for name, (stage, src) in files.items():
             if not name.startswith("system-"):
                 with _replacing(dist / name) as tmp:
-                    run(["cp", "--reflink=auto", unit.output(stage) / src, tmp], log)
+                    run(["cp", "--reflink=auto", unit.output(stage, src), tmp], log)
         self._system(unit, build, files, log)
         for stale in (f"kernel-{a}.img", f"initramfs-{a}.img", image_name(a), image_name(a, "cpio")):
             if stale not in files and (dist / stale).exists():

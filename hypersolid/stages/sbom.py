@@ -89,12 +89,16 @@ class Sbom(Stage):
         a, name = unit.arch, unit.target.name
         root = out / ".root"
         read_metadata(unit.output("squashfs") / image_name(a), root, log)
-        lock = unit.output("bootstrap") / "packages.lock"
+        lock = unit.output("bootstrap", "packages.lock")
         sde = source_date_epoch(unit)
         content = digest_json({"tree": describe_tree(root), "lock": digest_file(lock), "epoch": sde,
                                "target": name, "arch": a, "image": image_name(a),
                                "inputs": self.static_inputs(unit)})
         memo = unit.cache.lookup(MEMO, content)
+        # Which memo this build used, beside the stages' key files: gc keeps the last build's entries.
+        memo_key = unit.build_dir / f"{MEMO}.key"
+        memo_key.parent.mkdir(parents=True, exist_ok=True)
+        memo_key.write_text(content + "\n")
         if memo is not None:
             log.note(f"# what the SBOM reads is unchanged: reusing {memo}")
             for f in (CDX, SPDX):
