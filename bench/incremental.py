@@ -11,6 +11,11 @@ no-op, one overlay file edited, a new HYPERSOLID_UUID, the boot script edited, o
 (with the bytes that second bootstrap downloaded), and a fresh checkout using
 the restored cache.  Prints a table and one JSON line.
 
+For qemu-amd64 it also times two more cold builds side by side, the stages
+one after another (HYPERSOLID_JOBS=1) and in parallel (the default jobs),
+with the .debs already in their caches: the serial_cold and parallel_cold
+rows (--no-parallel skips them).
+
 For qemu-amd64 (the shipped default) it also builds the target cold a second
 time, in a second checkout and cache, with another TZ, locale and umask,
 and compares the four outputs byte for byte: the `reproducible` row (1 for
@@ -134,6 +139,28 @@ def first_difference(a: Path, b: Path) -> str | None:
     return header or None
 
 
+PARALLEL_TARGETS = ("qemu-amd64",)
+
+
+def parallel_vs_serial(target: str, debs: Path, scratch: Path) -> dict[str, float]:
+    """Two more cold builds, side by side: stages one after another
+    (HYPERSOLID_JOBS=1) and the default parallel jobs, each in a fresh
+    checkout and cache whose .debs are hard links to the first cold build's
+    (so neither waits for the network).  Rows serial_cold, parallel_cold."""
+    rows = {}
+    for name, jobs in (("serial_cold", "1"), ("parallel_cold", "")):
+        cache = scratch / name / "cache"
+        cache.mkdir(parents=True)
+        subprocess.run(["cp", "-al", debs, cache / "debs"], check=True)
+        checkout = make_checkout(scratch / name / "checkout")
+        caller = {"HYPERSOLID_JOBS": jobs} if jobs else {}
+        rows[name], stages, _ = doit(checkout, cache, f"bootfiles:{target}", caller=caller)
+        print(f"bench: {target}: {name} {rows[name]:.1f}s: "
+              + ", ".join(f"{k.split(':')[0]} {v:.1f}s" for k, v in stages.items()), flush=True)
+        shutil.rmtree(scratch / name, ignore_errors=True)
+    return rows
+
+
 def measure(target: str, args, scratch: Path) -> dict:
     """All rows for one target, in its own checkout and fresh cache."""
     task = f"bootfiles:{target}"
@@ -148,6 +175,8 @@ def measure(target: str, args, scratch: Path) -> dict:
         rows["reproducible"] = float(same)
         print(f"bench: {target}: reproducible: {str(same).lower()}" + (f" ({difference})" if difference else ""),
               flush=True)
+    if args.parallel and target in PARALLEL_TARGETS:
+        rows.update(parallel_vs_serial(target, cache / "debs", scratch / "jobs"))
     rows["noop"] = statistics.median(doit(checkout, cache, task)[0] for _ in range(args.repeat))
 
     def edited(path: Path, line: str) -> float:
@@ -194,6 +223,8 @@ def measure(target: str, args, scratch: Path) -> dict:
     }
     if target == "qemu-amd64":
         result["cold_vs_original"] = round(rows["cold"] / ORIGINAL_TOOL_SECONDS, 3)
+    if "parallel_cold" in rows:
+        result["parallel_vs_serial_cold"] = round(rows["parallel_cold"] / rows["serial_cold"], 3)
     if "reproducible" in rows:
         result["reproducible"] = bool(rows["reproducible"])
         result["first_difference"] = difference
@@ -234,6 +265,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     parser.add_argument("--no-reproducible", dest="reproducible", action="store_false",
                         help="skip the second cold build of qemu-amd64 and its byte comparison")
+    parser.add_argument("--no-parallel", dest="parallel", action="store_false",
+                        help="skip the serial_cold and parallel_cold builds of qemu-amd64 (two more cold builds)")
     parser.add_argument("--disk", action="append", metavar="TARGET",
                         help="only time the disk stage of TARGET and report its image sizes (repeatable; "
                              "e.g. --disk qemu-amd64 --disk rpi4: rpi4 builds cold under qemu-user first, ~10 min)")
@@ -277,6 +310,8 @@ def main() -> None:
         if "cold_vs_original" in r:
             print(f"{r['target']}: cold / original tool ({ORIGINAL_TOOL_SECONDS} s, issue #15) = "
                   f"{r['cold_vs_original']}")
+        if "parallel_vs_serial_cold" in r:
+            print(f"{r['target']}: parallel cold / serial cold = {r['parallel_vs_serial_cold']}")
         if "cold_vs_baseline" in r:
             what, seconds = BASELINES[r["target"]]
             print(f"{r['target']}: cold / {what} ({seconds:.0f} s) = {r['cold_vs_baseline']}")

@@ -469,6 +469,10 @@ def parser() -> argparse.ArgumentParser:
         if name in ("build", "build-deploy", "update"):
             v.add_argument("--refresh", action="store_true",
                            help="ask the mirror for new package versions now, whatever index_max_age says")
+            v.add_argument("-j", "--jobs", type=int, metavar="N",
+                           help="stages run at once (default: the CPUs, 2 to 4; 1: one after another)")
+            v.add_argument("-q", "--quiet", action="store_true",
+                           help="no live progress lines of running stages (HYPERSOLID_QUIET=1)")
         if name == "clean":
             v.add_argument("--cache", action="store_true",
                            help="also drop the target's cache entries (not those other targets share)")
@@ -524,6 +528,10 @@ def main(argv: list[str] | None = None) -> int:
             return err.status
     if getattr(args, "no_wait", False):
         os.environ[lock.NO_WAIT] = "1"
+    if getattr(args, "jobs", None):
+        os.environ["HYPERSOLID_JOBS"] = str(args.jobs)
+    if getattr(args, "quiet", False):
+        os.environ["HYPERSOLID_QUIET"] = "1"
     if getattr(args, "refresh", False):
         from .resolve import REFRESH_ENV
         os.environ[REFRESH_ENV] = "1"

@@ -569,13 +569,14 @@ class MissingDebs(Exception):
 
 
 def fetch_debs(store: Path, entries, *, upstream_proxy: str | None = None, log=None, timeout: float = 60.0,
-               jobs: int = 4, stats: dict | None = None) -> dict:
+               jobs: int = 4, stats: dict | None = None, progress=None) -> dict:
     """entry -> verified local file of every lock entry: from the store when
     its SHA256 matches, else downloaded from entry.url (through the apt
     proxy if there is one), checked and stored atomically.  Raises
     MissingDebs naming every entry that could not be had (one line), so a
     lock never silently installs anything else.  `stats`, when given, gets
-    the bytes "downloaded" and "reused"."""
+    the bytes "downloaded" and "reused"; `progress(done, total, stats)`, when
+    given, is called as each entry is had (the console's n/N)."""
     from concurrent.futures import ThreadPoolExecutor
 
     store = Path(store)
@@ -625,8 +626,18 @@ def fetch_debs(store: Path, entries, *, upstream_proxy: str | None = None, log=N
             stats["downloaded"] += len(body)
         return entry, path, None
 
+    done, total = [0], len(entries)
+
+    def counted(entry):
+        result = one(entry)
+        if progress is not None:
+            with lock:
+                done[0] += 1
+                progress(done[0], total, stats)
+        return result
+
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = list(pool.map(one, sorted(entries)))
+        results = list(pool.map(counted, sorted(entries)))
     missing = [(e, why) for e, path, why in results if path is None]
     if missing:
         causes = dict.fromkeys(why for _, why in missing)

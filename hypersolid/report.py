@@ -2,13 +2,19 @@
 then a summary with how long each executed stage took."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import time
+from pathlib import Path
 
 from doit.reporter import ConsoleReporter
 
+from . import progress
 from .run import Interrupted, interrupted_status
+
+# Task meta keys (tasks._tasks): where a stage's progress file and log are.
+PROGRESS, LOG = "hypersolid_progress", "hypersolid_log"
 
 # (task name, BuildError or None, doit's failure) of this process's runs:
 # the hypersolid command reads it after running doit in-process.
@@ -62,6 +68,23 @@ def install_excepthook() -> None:
     sys.excepthook = hook
 
 
+def stop_workers(grace: float = 60.0) -> None:
+    """doit's worker processes still running when the run ends: only on an
+    interruption or an error (a finished run has joined them).  Each is told
+    to stop (SIGTERM: its stage removes what it half-built) and waited for,
+    so the build is over when this process says so; one that does not end
+    within `grace` is killed, and the next run sweeps its work dir."""
+    workers = multiprocessing.active_children()
+    for proc in workers:
+        proc.terminate()
+    deadline = time.monotonic() + grace
+    for proc in workers:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
 class TimingReporter(ConsoleReporter):
     desc = "doit's console output plus hypersolid stage timings"
 
@@ -71,6 +94,12 @@ class TimingReporter(ConsoleReporter):
         self.timings: list[tuple[str, float, str]] = []
         self.uptodate = 0
         self._run_start = time.monotonic()
+        self.display: progress.Display | None = None
+
+    def write(self, text):
+        if self.display is None:
+            return super().write(text)
+        self.display.write(text, self.outstream)
 
     def initialize(self, tasks, selected_tasks):
         super().initialize(tasks, selected_tasks)
@@ -82,8 +111,19 @@ class TimingReporter(ConsoleReporter):
     def execute_task(self, task):
         self._started[task.name] = time.monotonic()
         super().execute_task(task)
+        meta = getattr(task, "meta", None) or {}
+        if PROGRESS in meta:
+            if self.display is None:  # first stage: after doit forked its workers
+                self.outstream.flush()
+                self.display = progress.display_for(self.outstream)
+                if self.display is not None:
+                    self.display.start_thread()
+            if self.display is not None:
+                self.display.start(task.name, Path(meta[PROGRESS]), Path(meta[LOG]))
 
     def _finish(self, task, outcome):
+        if self.display is not None:
+            self.display.stop(task.name)
         start = self._started.pop(task.name, None)
         if start is not None and task.actions:
             values = getattr(task, "values", None) or {}
@@ -106,6 +146,10 @@ class TimingReporter(ConsoleReporter):
         super().skip_uptodate(task)
 
     def complete_run(self):
+        if self.display is not None:
+            self.display.close()
+            self.display = None
+        stop_workers()
         super().complete_run()
         total = time.monotonic() - self._run_start
         if not self.timings:

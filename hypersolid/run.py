@@ -91,9 +91,11 @@ class Interrupted(KeyboardInterrupt):
     """SIGINT, SIGTERM or SIGHUP reached hypersolid.  A KeyboardInterrupt, so
     doit still saves its database and every `finally` runs on the way out."""
 
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
+    def __init__(self, signum: int | str):
+        if isinstance(signum, str):  # rebuilt from doit's worker message ("interrupted by SIGTERM")
+            signum = getattr(signal, signum.rsplit(" ", 1)[-1], signal.SIGINT)
+        super().__init__(int(signum))
+        self.signum = int(signum)
 
     @property
     def status(self) -> int:
@@ -111,6 +113,52 @@ def install_signal_handlers() -> None:
     """Turn the stop signals into Interrupted in the main thread (once)."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupted)
+
+
+# A doit worker process (parallel stages) between starting and ending a stage.
+_in_stage = False
+_stopping = False
+
+
+def install_worker_signal_handlers(parent: int) -> None:
+    """In a doit worker process (`doit -n N -P process`), right after fork.
+    The main process decides when the build stops: Ctrl-C and SIGHUP reach
+    it, and it sends its workers SIGTERM.  A worker then stops its stage
+    exactly once (a second signal must not cut its cleanup short) and an
+    idle one simply exits.  PDEATHSIG: a `kill -9` of the main process takes
+    the workers, and through theirs everything they started."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+    signal.signal(signal.SIGINT, _ignore)  # a handler, not SIG_IGN: not inherited by what it runs
+    signal.signal(signal.SIGHUP, _ignore)
+    signal.signal(signal.SIGTERM, _stop_worker)
+
+
+def _ignore(signum, frame):
+    pass
+
+
+def _stop_worker(signum, frame):
+    global _stopping
+    if _stopping:
+        return
+    _stopping = True
+    if not _in_stage:
+        os._exit(128 + signum)  # idle or finishing: nothing of ours to undo
+    raise Interrupted(signum)
+
+
+class stage_running:
+    """Marks a stage running in this process (see _stop_worker)."""
+
+    def __enter__(self):
+        global _in_stage
+        _in_stage = True
+
+    def __exit__(self, *exc):
+        global _in_stage
+        _in_stage = False
 
 
 BUILD_UMASK = 0o022
@@ -141,8 +189,20 @@ class Log:
     def __init__(self, path: Path, stage: str, append: bool = False):
         self.path, self.stage = Path(path), stage
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._progress_at, self._progress = 0.0, {}
         if not append:
             self.path.write_text(f"# {stage} started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+
+    def progress(self, force: bool = False, **fields) -> None:
+        """What the stage is doing, for the console (progress.py): fields are
+        merged into <log>.progress, written at most twice a second unless
+        forced.  Never raises, and costs nothing when nobody reads it."""
+        from . import progress
+        self._progress.update(fields)
+        now = time.monotonic()
+        if force or now - self._progress_at >= progress.MIN_WRITE:
+            self._progress_at = now
+            progress.write(self.path.with_suffix(".progress"), self._progress)
 
     def note(self, text: str) -> None:
         with open(self.path, "a") as f:

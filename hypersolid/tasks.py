@@ -5,6 +5,8 @@ settings_changed.  dodo.py re-exports what is here."""
 from __future__ import annotations
 
 import errno
+import multiprocessing
+import multiprocessing.util
 import os
 import sys
 from functools import lru_cache
@@ -17,11 +19,12 @@ from . import buildid, lock, remote
 from .cache import Cache, CacheError, digest_json
 from .checker import XxhashChecker
 from .config import Project, Target
-from .report import BAD_TARGET, TimingReporter, install_excepthook
+from .report import BAD_TARGET, LOG, PROGRESS, TimingReporter, install_excepthook
 from .boot import STORAGE_LABEL, machine, storage_disk
 from .diskboot import PI_MACHINES, disk_machine
 from .qemu import MACHINES
-from .run import BuildError, Log, install_signal_handlers, run, set_build_umask
+from .run import (BuildError, Log, install_signal_handlers, install_worker_signal_handlers, run,
+                  set_build_umask, stage_running)
 from .stages import STAGES, Unit, default_cache_dir, execute, no_space
 
 ORDER = ("rootfs", "resolve", "bootstrap", "configure", "squashfs", "initramfs", "sbom", "bootfiles", "disk")
@@ -101,12 +104,21 @@ class StageFailed(TaskFailed):
         super().__init__(str(error))
         self.error = error
 
+    def __reduce__(self):  # crosses from a doit worker process to the main one
+        return (type(self), (self.error,))
+
+
+def progress_file(unit: Unit, stage_name: str) -> Path:
+    """Where the stage's Log.progress writes (report.py shows it)."""
+    return unit.log_path(stage_name).with_suffix(".progress")
+
 
 def run_stage(stage_name: str, unit: Unit):
     """The python-action: a BuildError, or an OSError outside any stage's
     build (the key file or log on a full disk), becomes a clean doit failure."""
     try:
-        return execute(stage_name, unit)
+        with stage_running():
+            return execute(stage_name, unit)
     except BuildError as err:
         return StageFailed(err)
     except OSError as err:
@@ -114,6 +126,8 @@ def run_stage(stage_name: str, unit: Unit):
         message = no_space(err.filename or unit.build_dir) if err.errno == errno.ENOSPC else \
             f"{err.strerror}: {err.filename}"
         return StageFailed(BuildError(where, message))
+    finally:
+        progress_file(unit, stage_name).unlink(missing_ok=True)
 
 
 def entry_present(stage_name: str, unit: Unit):
@@ -160,6 +174,7 @@ def _tasks(stage_name: str):
                         + stage.fresh(unit),
             "clean": True,
             "verbosity": 1,
+            "meta": {PROGRESS: str(progress_file(unit, stage_name)), LOG: str(unit.log_path(stage_name))},
         }
     yield from _bad_targets(stage_name)
 
@@ -281,10 +296,51 @@ def task_boot():
         }
 
 
+JOBS_ENV = "HYPERSOLID_JOBS"
+
+
+def jobs(argv: list[str]) -> int:
+    """How many stages run at once: HYPERSOLID_JOBS, else the CPUs (2 to 4).
+    The stages of one target are mostly a chain; what runs side by side is
+    squashfs with initramfs (and sbom), and the architectures of a
+    multi-arch target.  A run that boots is serial: qemu needs the
+    terminal's stdin, which doit's worker processes do not get."""
+    if any(a.split(":", 1)[0] == "boot" for a in argv if not a.startswith("-")):
+        return 1
+    value = os.environ.get(JOBS_ENV, "")
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise InvalidDodoFile(f"{JOBS_ENV}={value!r}: not a number of jobs") from None
+    return max(2, min(4, os.cpu_count() or 1))
+
+
+class _Workers:
+    """multiprocessing keeps after-fork hooks by weak reference to an object."""
+
+
+_WORKERS = _Workers()
+
+
+def parallel(count: int) -> dict:
+    """doit's options for `count` jobs: worker processes, not threads (a
+    stage forks isolated children and starts commands with preexec_fn,
+    neither safe beside other threads); 1 job is doit's in-process runner."""
+    if count <= 1:
+        return {"num_process": 0}
+    if multiprocessing.get_start_method(allow_none=True) is None:
+        multiprocessing.set_start_method("fork")  # doit's workers use the tasks already loaded
+    parent = os.getpid()
+    multiprocessing.util.register_after_fork(_WORKERS, lambda _: install_worker_signal_handlers(parent))
+    return {"num_process": count, "par_type": "process"}
+
+
 def doit_config(default_target: str) -> dict:
     """DOIT_CONFIG for dodo.py.  Also makes this process a hypersolid build:
-    stop signals become one clean interruption (exit 128+N, one line), and
-    a run that writes doit's database takes the checkout's lock first."""
+    stop signals become one clean interruption (exit 128+N, one line), a
+    run that writes doit's database takes the checkout's lock first, and
+    independent stages run side by side (jobs)."""
     Path("build").mkdir(exist_ok=True)  # doit needs the database's directory
     install_signal_handlers()
     set_build_umask()
@@ -302,4 +358,5 @@ def doit_config(default_target: str) -> dict:
         "reporter": TimingReporter,
         "default_tasks": [f"bootfiles:{default_target}"],
         "subtasks": True,  # `doit list` shows one line per target
+        **parallel(jobs(sys.argv[1:])),
     }

@@ -86,6 +86,8 @@ def test_a_stop_signal_to_the_main_process_alone_stops_everything_under_it(proje
     with untouched_host(tmp_path, project.root, project.cache):
         with project.temporary(HOOKS[stage], SLEEPER, mode=0o755):
             argv = doit_argv(f"{stage}:tiny") if command == "doit" else [str(SCRIPT), "build", "tiny"]
+            # An earlier case's log names the hook too: the signal would come before this run's stage.
+            (project.root / f"build/tiny/amd64/logs/{stage}.log").unlink(missing_ok=True)
             proc = start(project, argv)
             wait_for_log(project, stage, "50-sleep", proc)
             proc.send_signal(sig)

@@ -166,7 +166,8 @@ class Bootstrap(Stage):
         try:
             stats: dict = {}
             debs = fetch_debs(unit.cache.root / "debs", entries, upstream_proxy=unit.target.apt_proxy, log=log,
-                              stats=stats)
+                              stats=stats, progress=lambda done, total, got: log.progress(
+                                  what="packages downloaded", done=done, total=total, bytes=got["downloaded"]))
         except MissingDebs as err:
             raise log.fail(f"{os.path.relpath(source, unit.project.root)}: {err}") from None
         tree, repo = out / "tree", out / "repo"
@@ -178,6 +179,7 @@ class Bootstrap(Stage):
         insecure.parent.mkdir(parents=True)
         insecure.write_text('Acquire::AllowInsecureRepositories "true";\n')
         try:
+            log.progress(force=True, count="I: Extracting ", count_what="unpacked", count_total=len(entries))
             with serving(repo) as url:
                 ini.write_text(multistrap_ini(unit.arch, tree, url, [e.package for e in entries]))
                 run(["multistrap", "-f", ini], log, env={"no_proxy": "127.0.0.1"}, cwd=out)

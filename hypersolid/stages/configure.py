@@ -137,6 +137,9 @@ class Configure(Stage):
         root.copy_file(keyring_of(unit.target), BUILD_KEYRING, mode=0o644)
         root.write_text(BUILD_LIST, build_sources(sections_for(unit.target, unit.arch), unit.arch, BUILD_KEYRING))
         sde = epoch.unit_env(unit)  # maintainer scripts stamp it, not the clock
+        # The console counts dpkg's "Setting up" lines in the log (progress.py).
+        log.progress(force=True, count="Setting up ", count_what="packages configured",
+                     count_total=len(read_status(tree)))
         run_in(tree, [install_script(tree, "prepare", PREPARE)], log, unit.arch, env=sde)
         # apt in a hook downloads through the caching proxy (no DNS needed inside).
         with DebProxy(unit.cache.root / "debs", source_urls(unit.target, unit.arch),

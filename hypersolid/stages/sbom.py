@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import shutil
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -52,6 +54,24 @@ DOC = "usr/share/doc"
 
 def library_versions() -> dict[str, str]:
     return {p: version(p) for p in ("debsbom", "cyclonedx-python-lib", "spdx-tools", "license-expression")}
+
+
+@contextmanager
+def warnings_to(log: Log):
+    """debsbom's logged warnings ("no supplier for linux@...") into the
+    stage's log: without a handler Python prints them on the console, in
+    the middle of doit's lines and the live progress."""
+    logger = logging.getLogger("debsbom")
+    handler = logging.FileHandler(log.path)
+    handler.setFormatter(logging.Formatter("# debsbom %(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.propagate = propagate
 
 
 @register
@@ -85,7 +105,8 @@ class Sbom(Stage):
                 shutil.copyfile(memo / f, out / f)
         else:
             try:
-                cdx, spdx = generate(root, name, a, lockfile.read(lock), sde, content)
+                with warnings_to(log):
+                    cdx, spdx = generate(root, name, a, lockfile.read(lock), sde, content)
             except Exception as err:  # a library's error: one line, with the log, not a traceback
                 log.note(f"# {type(err).__module__}.{type(err).__name__}: {err}")
                 raise log.fail(f"debsbom could not describe the image: {err}") from None
