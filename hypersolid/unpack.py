@@ -98,6 +98,7 @@ def unpack(tree: Path, log: Log, jobs: int | None = None) -> list[str]:
         controls = [pool.submit(control, i) for i in range(len(archives))]
         for index, deb in enumerate(archives):
             (tree / "tmp").mkdir(exist_ok=True)  # multistrap's mkdir -p ./tmp, once per package
+            log.note(f"I: Extracting {deb}")  # multistrap's line; the progress counts them (bootstrap)
             listing = run(["dpkg-deb", "-X", tree / ARCHIVES / deb, tree], log, contain=False,
                           capture=True).stdout
             parts = controls[index].result()
