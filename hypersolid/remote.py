@@ -183,6 +183,11 @@ class Remote:
         self.push_refused = False
         self.stats = Stats()
         self.pid = os.getpid()
+        # One run, several processes (stages side by side in doit workers,
+        # forked from the process that loaded the tasks): a marker in
+        # <cache>/tmp/ named for the run says the warning was given.
+        self.run = f"{os.getpid()}.{secrets.token_hex(3)}"
+        self.run_dir: Path | None = None
 
     @property
     def client(self) -> _Client:
@@ -198,7 +203,21 @@ class Remote:
     def _went_down(self, err: Exception) -> None:
         if not self.down:
             self.down = True
-            self._warn(f"{err}; building with the local cache only")
+            if self._first_in_run("remote-down"):
+                self._warn(f"{err}; building with the local cache only")
+
+    def _first_in_run(self, what: str) -> bool:
+        """Whether no other process of this run has said `what` yet."""
+        if self.run_dir is None:
+            return True
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.run_dir / f"{what}.{self.run}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            return False
+        except OSError:
+            pass
+        return True
 
     # ---- reading --------------------------------------------------------
     def _url(self, stage: str, what: str) -> str:
@@ -375,7 +394,8 @@ class Remote:
                 raise _Refused(f"PUT manifest {stage}:{key[:12]}: {_problem(r)}")
         except _Refused as err:
             self.push_refused = True
-            self._warn(f"push refused, not pushing in this run: {err}")
+            if self._first_in_run("remote-refused"):
+                self._warn(f"push refused, not pushing in this run: {err}")
             return False
         except RemoteFailed as err:
             self._went_down(err)
@@ -453,9 +473,10 @@ def get() -> Remote | None:
         _loaded = True
     elif _remote is not None and _remote.pid != os.getpid():
         # A forked child (an isolated stage): its own connections, the parent's knowledge.
-        known, down, refused = _remote.known, _remote.down, _remote.push_refused
-        _remote = Remote(_remote.config)
-        _remote.known, _remote.down, _remote.push_refused = dict(known), down, refused
+        parent = _remote
+        _remote = Remote(parent.config)
+        _remote.known, _remote.down, _remote.push_refused = dict(parent.known), parent.down, parent.push_refused
+        _remote.run, _remote.run_dir = parent.run, parent.run_dir
     return _remote
 
 

@@ -13,6 +13,7 @@ against the host's Debian archive keyring (or the target's apt_keyring).
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import time
@@ -177,6 +178,17 @@ def resolve(cache_root: Path, sections: list[dict], names: list[str], arch: str,
     if not os.path.exists(keyring):
         raise log.fail(f"the keyring {keyring} is missing (install debian-archive-keyring, or set apt_keyring)")
     state = state_dir(cache_root, sections, arch, keyring)
+    state.mkdir(parents=True, exist_ok=True)
+    # Targets with the same sources share the state (and its apt.conf, whose
+    # Install-Recommends is theirs): one resolution at a time in it, also
+    # when stages run side by side.  flock: released however we end.
+    with open(state / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        return _resolve(state, sections, names, arch, keyring, proxy, log)
+
+
+def _resolve(state: Path, sections: list[dict], names: list[str], arch: str, keyring: str,
+             proxy: str | None, log: Log) -> list[LockEntry]:
     conf = prepare(state, sections, arch, keyring, proxy)
     mark_used(state)  # its last use, for `hypersolid cache gc`
     env = {"APT_CONFIG": str(conf), "LC_ALL": "C"}

@@ -79,7 +79,9 @@ def _cache(root: str) -> Cache:
     lock.share_cache(cache.root)
     cache.collect_garbage()
     try:
-        remote.get()  # a bad HYPERSOLID_REMOTE_CACHE* value: one line at load, not a traceback mid-build
+        shared = remote.get()  # a bad HYPERSOLID_REMOTE_CACHE* value: one line at load, not a traceback mid-build
+        if shared is not None:
+            shared.run_dir = cache.tmp  # its warnings once per run, whatever process meets the failure
     except remote.RemoteConfigError as err:
         raise InvalidDodoFile(str(err)) from None
     return cache
