@@ -14,6 +14,7 @@ against their sha256 while they stream (oras does not check).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,9 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import oras.auth
-import oras.provider
-import oras.utils
 import requests
 
 from .cache import Cache, digest_file, remove_tree
@@ -98,58 +96,73 @@ def config_from_env(env=os.environ) -> Config | None:
     return Config(url, host, path, scheme == "oci+http", mode, user, password, int(chunk_text) << 20)
 
 
-class _Auth(oras.auth.TokenAuth):
-    """oras' token auth, which also answers a Basic challenge (registries
-    behind htpasswd, such as a self-hosted distribution registry)."""
+@functools.lru_cache(maxsize=None)
+def _client_class():
+    """oras' classes, imported on first use: oras takes ~2 s to import
+    (jsonschema grammars), which the no-op build must not pay."""
+    import oras.auth
+    import oras.provider
 
-    basic = False
+    class _Auth(oras.auth.TokenAuth):
+        """oras' token auth, which also answers a Basic challenge (registries
+        behind htpasswd, such as a self-hosted distribution registry)."""
 
-    def get_auth_header(self):
-        if self.basic and getattr(self, "_basic_auth", None):
-            return {"Authorization": f"Basic {self._basic_auth}"}
-        return super().get_auth_header()
+        basic = False
 
-    def authenticate_request(self, original, headers, refresh=False):
-        challenge = original.headers.get("Www-Authenticate", "")
-        if challenge.lower().startswith("basic"):
-            if not getattr(self, "_basic_auth", None):
-                return headers, False
-            self.basic = True
-            return {**(headers or {}), **self.get_auth_header()}, True
-        return super().authenticate_request(original, headers, refresh)
+        def get_auth_header(self):
+            if self.basic and getattr(self, "_basic_auth", None):
+                return {"Authorization": f"Basic {self._basic_auth}"}
+            return super().get_auth_header()
+
+        def authenticate_request(self, original, headers, refresh=False):
+            challenge = original.headers.get("Www-Authenticate", "")
+            if challenge.lower().startswith("basic"):
+                if not getattr(self, "_basic_auth", None):
+                    return headers, False
+                self.basic = True
+                return {**(headers or {}), **self.get_auth_header()}, True
+            return super().authenticate_request(original, headers, refresh)
 
 
-class _Client(oras.provider.Registry):
-    """oras' registry client, one request per call: a 401 gets a fresh token
-    for the challenge's scope (each stage is its own repository) and is
-    sent once more; no sleeping retries, and a time limit."""
+    class _Client(oras.provider.Registry):
+        """oras' registry client, one request per call: a 401 gets a fresh token
+        for the challenge's scope (each stage is its own repository) and is
+        sent once more; no sleeping retries, and a time limit."""
 
-    def __init__(self, config: Config):
-        super().__init__(hostname=config.host, insecure=config.insecure)
-        self.auth = _Auth()
-        self.auth.session, self.auth.prefix, self.auth._tls_verify = self.session, self.prefix, True
-        if config.user:
-            self.auth.set_basic_auth(config.user, config.password)
-        else:  # ~/.docker/config.json ($DOCKER_CONFIG), its credsStore and credHelpers
-            docker = os.environ.get("DOCKER_CONFIG")
-            configs = [os.path.join(docker, "config.json")] if docker and os.path.exists(
-                os.path.join(docker, "config.json")) else None
-            self.auth.load_configs(self.get_container(f"{config.repository('x')}:x"), configs=configs)
+        def __init__(self, config: Config):
+            super().__init__(hostname=config.host, insecure=config.insecure)
+            self.auth = _Auth()
+            self.auth.session, self.auth.prefix, self.auth._tls_verify = self.session, self.prefix, True
+            if config.user:
+                self.auth.set_basic_auth(config.user, config.password)
+            else:  # ~/.docker/config.json ($DOCKER_CONFIG), its credsStore and credHelpers
+                docker = os.environ.get("DOCKER_CONFIG")
+                configs = [os.path.join(docker, "config.json")] if docker and os.path.exists(
+                    os.path.join(docker, "config.json")) else None
+                self.auth.load_configs(self.get_container(f"{config.repository('x')}:x"), configs=configs)
 
-    def do_request(self, url, method="GET", data=None, headers=None, json=None, stream=False):
-        headers = dict(headers or {})
+        def do_request(self, url, method="GET", data=None, headers=None, json=None, stream=False):
+            headers = dict(headers or {})
 
-        def send(extra: dict) -> requests.Response:
-            return self.session.request(method, url, data=data, json=json, headers={**headers, **extra},
-                                        stream=stream, timeout=TIMEOUT)
+            def send(extra: dict) -> requests.Response:
+                return self.session.request(method, url, data=data, json=json, headers={**headers, **extra},
+                                            stream=stream, timeout=TIMEOUT)
 
-        response = send(self.auth.get_auth_header())
-        if response.status_code == 401:
-            retry, changed = self.auth.authenticate_request(response, dict(headers), refresh=True)
-            if changed:
-                response.close()
-                response = send({k: v for k, v in retry.items() if k.lower() == "authorization"})
-        return response
+            response = send(self.auth.get_auth_header())
+            if response.status_code == 401:
+                retry, changed = self.auth.authenticate_request(response, dict(headers), refresh=True)
+                if changed:
+                    response.close()
+                    response = send({k: v for k, v in retry.items() if k.lower() == "authorization"})
+            return response
+
+    return _Client
+
+
+def _with_digest(location: str, digest: str) -> str:
+    """The upload location with ?digest= (oras.utils.append_url_params, without importing oras)."""
+    import oras.utils
+    return oras.utils.append_url_params(location, {"digest": digest})
 
 
 def _problem(response: requests.Response) -> str:
@@ -176,7 +189,7 @@ class Remote:
 
     def __init__(self, config: Config):
         self.config = config
-        self._client: _Client | None = None
+        self._client = None  # oras' client, made on first use
         self.known: dict[tuple[str, str], bool] = {}
         self._manifests: dict[tuple[str, str], bytes] = {}
         self.down = False
@@ -190,10 +203,10 @@ class Remote:
         self.run_dir: Path | None = None
 
     @property
-    def client(self) -> _Client:
+    def client(self):
         """Made on first use: the no-op build never reads credentials or runs a helper."""
         if self._client is None:
-            self._client = _Client(self.config)
+            self._client = _client_class()(self.config)
         return self._client
 
     # ---- warnings -------------------------------------------------------
@@ -422,7 +435,7 @@ class Remote:
         with open(path, "rb") as f:
             if size <= chunk:
                 data = f.read()
-                r = self._request("PUT", oras.utils.append_url_params(location, {"digest": digest}), data=data,
+                r = self._request("PUT", _with_digest(location, digest), data=data,
                                   headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))})
             else:
                 start = 0
@@ -435,7 +448,7 @@ class Remote:
                     start += len(data)
                     self.stats.uploaded += len(data)
                     location = self._location(r, stage)
-                r = self._request("PUT", oras.utils.append_url_params(location, {"digest": digest}),
+                r = self._request("PUT", _with_digest(location, digest),
                                   headers={"Content-Length": "0"})
         if r.status_code not in (201, 204):
             raise _Refused(f"PUT blob {digest[:19]}: {_problem(r)}")
