@@ -333,7 +333,10 @@ def _build(stage: Stage, unit: Unit, out: Path | None, log: Log) -> None:
             raise
         raise log.fail(no_space(err.filename or out or unit.dist_dir)) from None
     except BuildError as err:
-        if err.log and "No space left on device" in "\n".join(tail_of(err.log, 40)) and "no space" not in err.message:
+        tail = "\n".join(tail_of(err.log, 40)) if err.log else ""
+        # the kernel's words, or apt's when it checks before downloading (multistrap's download step)
+        full = "No space left on device" in tail or "You don't have enough free space in" in tail
+        if full and "no space" not in err.message:
             raise type(err)(err.stage, f"{err.message}; {no_space(out or unit.dist_dir)}", err.command,
                             err.log) from None
         raise
