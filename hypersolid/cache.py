@@ -158,7 +158,7 @@ class Cache:
                 pid = int(work.name.split(".")[1])
             except (IndexError, ValueError):
                 continue
-            if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+            if pid != os.getpid() and not alive(pid):
                 remove_tree(work)
 
 
@@ -208,6 +208,16 @@ def mark_file_used(path: Path) -> None:
 LEFTOVER = re.compile(r"\..+\.(tmp|old)-(\d+)(-[0-9a-f]+)?")
 
 
+def alive(pid: int) -> bool:
+    """Whether a writer still runs: a zombie (killed, not yet reaped) does not."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X")
+
+
 def temp_name(path: Path, kind: str = "tmp") -> Path:
     """A sibling of path to write before an atomic rename (see LEFTOVER)."""
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(3)}")
@@ -223,7 +233,7 @@ def sweep_leftovers(directory: Path) -> list[Path]:
         return swept
     for name in names:
         m = LEFTOVER.fullmatch(name)
-        if m and int(m.group(2)) != os.getpid() and not os.path.exists(f"/proc/{m.group(2)}"):
+        if m and int(m.group(2)) != os.getpid() and not alive(int(m.group(2))):
             remove_tree(Path(directory) / name)
             swept.append(Path(directory) / name)
     return swept

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from conftest import REPO, TestProject, mounts, needs_root_and_tools, tiny_target
+from hypersolid.cache import alive
 
 pytestmark = pytest.mark.integration
 
@@ -187,7 +188,14 @@ def test_killed_build_leaves_no_mount_and_no_entry(project):
             time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGKILL)  # no cleanup code gets to run
         proc.wait(timeout=30)
-    time.sleep(1)
+    # The stage's isolated child (own process group) dies through PDEATHSIG,
+    # a moment after the main process: wait for the writer its work dir names.
+    writers = {int(part) for work in (project.cache / "tmp").iterdir()
+               for part in work.name.split(".")[1:2] if part.isdigit()}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(alive(pid) for pid in writers):
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in writers)
     assert mounts() == before
     assert set((project.cache / "squashfs").iterdir()) == entries
     project.doit("squashfs:tiny")  # the next build succeeds and sweeps the dead work dir
