@@ -112,6 +112,72 @@ def describe_error(err: BaseException, timeout: float) -> str:
     return str(err) or type(err).__name__
 
 
+class Upstream:
+    """Kept-alive HTTP connections, one per host and thread, to addresses
+    looked up once.  Measured here: a new connection per package costs more
+    than most packages' download, and about one lookup in fifteen stalls 5 s
+    (a lost DNS answer and the resolver's retry), so 128 MB of .debs took
+    26-30 s with a connection each and about 1 s kept alive."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._local = threading.local()
+        self._addresses: dict[tuple[str, int], list] = {}
+        self._lookup = threading.Lock()
+        self._opened: list[http.client.HTTPConnection] = []
+
+    def _connect(self, address, timeout=None, source_address=None) -> socket.socket:
+        with self._lookup:
+            if address not in self._addresses:
+                self._addresses[address] = socket.getaddrinfo(*address, type=socket.SOCK_STREAM)
+            infos = self._addresses[address]
+        error: OSError = OSError(f"no address for {address[0]}")
+        for family, kind, proto, _, where in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(where)
+                return sock
+            except OSError as err:
+                sock.close()
+                error = err
+        raise error
+
+    def get(self, host: str, target: str, headers: dict, tls: bool = False) -> tuple[http.client.HTTPResponse, bytes]:
+        """GET target from host (netloc); a kept connection that the server
+        closed in the meantime is retried once on a new one."""
+        conns = self._local.__dict__.setdefault("conns", {})
+        for attempt in (1, 2):
+            conn = conns.pop(host, None)
+            reused = conn is not None
+            if conn is None:
+                conn = (http.client.HTTPSConnection if tls else http.client.HTTPConnection)(host, timeout=self.timeout)
+                conn._create_connection = self._connect  # TLS still checks the host name
+                with self._lookup:
+                    self._opened.append(conn)
+            try:
+                conn.request("GET", target, headers=headers)
+                resp = conn.getresponse()
+                body = resp.read()
+            except (http.client.HTTPException, OSError):
+                conn.close()
+                if attempt == 2 or not reused:  # a fresh connection that failed fails again
+                    raise
+                continue
+            if resp.will_close:
+                conn.close()
+            else:
+                conns[host] = conn
+            return resp, body
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lookup:
+            for conn in self._opened:
+                conn.close()
+            self._opened.clear()
+
+
 def parse_packages(data: bytes) -> dict[str, tuple[int, str]]:
     """Filename -> (Size, SHA256) of a Packages index, compressed (xz, gz,
     bz2) or plain; {} for anything else (e.g. a Translation file)."""
@@ -193,7 +259,7 @@ class DebProxy:
         self._by_hash: set[str] = set()  # SHA256 digests of Packages files (Release files)
         self._verified: dict[str, list] = {}  # store-relative path -> [size, mtime_ns, ino, sha256]
         self._verified_dirty = False
-        self._local = threading.local()  # upstream connections, one set per handler thread
+        self._upstream = Upstream(self.timeout)  # kept-alive connections, one set per handler thread
         self._server = _Server(self, self._handler())
         self._thread: threading.Thread | None = None
 
@@ -212,6 +278,7 @@ class DebProxy:
     def __exit__(self, *exc) -> None:
         self._server.shutdown()
         self._server.server_close()
+        self._upstream.close()
         self._save_verified()
 
     # -- bookkeeping -----------------------------------------------------
@@ -324,27 +391,11 @@ class DebProxy:
         else:
             host, what = parts.netloc, f"the host's apt source {source} (for the keyring)"
         target = url if self.upstream_proxy else (parts.path or "/")
-        conns = self._local.__dict__.setdefault("conns", {})
-        for attempt in (1, 2):
-            reused = host in conns
-            conn = conns.get(host) or http.client.HTTPConnection(host, timeout=self.timeout)
-            try:
-                conn.request("GET", target, headers={"Host": parts.netloc, "User-Agent": "hypersolid-debproxy"})
-                resp = conn.getresponse()
-                body = resp.read()
-            except (http.client.HTTPException, OSError) as err:
-                conn.close()
-                conns.pop(host, None)
-                if attempt == 2 or not reused:  # a fresh connection that failed fails again
-                    self._fail(what, describe_error(err, self.timeout))
-                    raise
-                continue
-            if resp.will_close:
-                conn.close()
-                conns.pop(host, None)
-            else:
-                conns[host] = conn
-            break
+        try:
+            resp, body = self._upstream.get(host, target, {"Host": parts.netloc, "User-Agent": "hypersolid-debproxy"})
+        except (http.client.HTTPException, OSError) as err:
+            self._fail(what, describe_error(err, self.timeout))
+            raise
         self._count("downloaded", len(body))
         if resp.status >= 500:
             self._fail(what, f"it answers {resp.status} {resp.reason}")
@@ -583,6 +634,7 @@ def fetch_debs(store: Path, entries, *, upstream_proxy: str | None = None, log=N
     stats = {} if stats is None else stats
     stats.update(downloaded=0, reused=0)
     lock = threading.Lock()
+    upstream = Upstream(timeout)
 
     def one(entry):
         if urlsplit(entry.url).scheme == "file":
@@ -602,13 +654,9 @@ def fetch_debs(store: Path, entries, *, upstream_proxy: str | None = None, log=N
         parts = urlsplit(entry.url)
         host = urlsplit(upstream_proxy).netloc if upstream_proxy else parts.netloc
         try:
-            tls = parts.scheme == "https" and not upstream_proxy
-            conn = (http.client.HTTPSConnection if tls else http.client.HTTPConnection)(host, timeout=timeout)
-            conn.request("GET", entry.url if upstream_proxy else apt_quote(parts.path),
-                         headers={"Host": parts.netloc, "User-Agent": "hypersolid-fetch"})
-            resp = conn.getresponse()
-            body = resp.read()
-            conn.close()
+            resp, body = upstream.get(host, entry.url if upstream_proxy else apt_quote(parts.path),
+                                      {"Host": parts.netloc, "User-Agent": "hypersolid-fetch"},
+                                      tls=parts.scheme == "https" and not upstream_proxy)
         except (http.client.HTTPException, OSError) as err:
             return entry, None, f"{entry.source}: {describe_error(err, timeout)}"
         if resp.status != 200:
@@ -636,8 +684,11 @@ def fetch_debs(store: Path, entries, *, upstream_proxy: str | None = None, log=N
                 progress(done[0], total, stats)
         return result
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = list(pool.map(counted, sorted(entries)))
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(counted, sorted(entries)))
+    finally:
+        upstream.close()
     missing = [(e, why) for e, path, why in results if path is None]
     if missing:
         causes = dict.fromkeys(why for _, why in missing)

@@ -22,7 +22,8 @@ import pytest
 
 from conftest import MIRROR, TestProject, needs_root_and_tools, tiny_target
 from hostile import outcome, untouched_host
-from hypersolid.debproxy import DebProxy, host_apt_sources, parse_packages
+from hypersolid.debproxy import DebProxy, fetch_debs, host_apt_sources, parse_packages
+from hypersolid.lockfile import LockEntry
 from hypersolid.run import Log
 
 POOL = "pool/main/f/foo/foo_1.0_amd64.deb"
@@ -32,8 +33,9 @@ INDEX = "dists/bookworm/main/binary-amd64/Packages.xz"
 class Upstream:
     """A tiny archive: path -> bytes, with a count of requests per path."""
 
-    def __init__(self, files: dict[str, bytes]):
+    def __init__(self, files: dict[str, bytes], drop_idle: bool = False):
         self.files, self.hits = dict(files), {}
+        self.connections: set = set()  # client (address, port): one per TCP connection
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,6 +46,10 @@ class Upstream:
 
             def do_GET(self):
                 upstream.hits[self.path] = upstream.hits.get(self.path, 0) + 1
+                upstream.connections.add(self.client_address)
+                # drop_idle: hang up after each answer without saying so, as a
+                # mirror does with a connection that was idle too long
+                self.close_connection = drop_idle
                 body = upstream.files.get(self.path)
                 self.send_response(200 if body is not None else 404)
                 self.send_header("Content-Length", str(len(body or b"")))
@@ -428,3 +434,38 @@ def test_bootstrap_from_unreachable_mirror_fails_naming_mirror_and_cause(tmp_pat
     assert result.status != 0
     # the resolve task asks the mirror first (apt), in the proxy's words
     result.line("resolve:tiny", f"cannot reach the mirror {mirror}: connection refused")
+
+
+def locked_pool(count: int) -> tuple[dict[str, bytes], list[LockEntry]]:
+    files, entries = {}, []
+    for i in range(count):
+        body = os.urandom(1000 + i)
+        files[f"/debian/pool/main/p/p{i}/p{i}_1.0_amd64.deb"] = body
+        entries.append(LockEntry(f"p{i}", "1.0", "amd64", hashlib.sha256(body).hexdigest(),
+                                 f"pool/main/p/p{i}/p{i}_1.0_amd64.deb", ""))
+    return files, entries
+
+
+def test_locked_debs_are_fetched_over_one_kept_alive_connection_per_job(tmp_path):
+    files, entries = locked_pool(40)
+    up = Upstream(files)
+    try:
+        entries = [LockEntry(**{**e.__dict__, "source": up.base}) for e in entries]
+        got = fetch_debs(tmp_path / "debs", entries, jobs=4)
+    finally:
+        up.close()
+    assert {e.package: p.read_bytes() for e, p in got.items()} == \
+        {e.package: files[f"/debian/{e.filename}"] for e in entries}
+    assert len(up.connections) <= 4  # not one connection (and DNS lookup) per package
+
+
+def test_a_kept_connection_the_mirror_dropped_is_retried_on_a_new_one(tmp_path):
+    files, entries = locked_pool(10)
+    up = Upstream(files, drop_idle=True)
+    try:
+        entries = [LockEntry(**{**e.__dict__, "source": up.base}) for e in entries]
+        got = fetch_debs(tmp_path / "debs", entries, jobs=2)
+    finally:
+        up.close()
+    assert len(got) == 10 and all(up.hits[f"/debian/{e.filename}"] == 1 for e in entries)
+    assert len(up.connections) == 10
