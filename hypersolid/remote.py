@@ -25,9 +25,10 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import requests
+if TYPE_CHECKING:  # imported where a remote is used: ~70 ms of every no-op build otherwise
+    import requests
 
 from .cache import Cache, digest_file, remove_tree
 from .entry import FILE_TYPE, MANIFEST_TYPE, TITLE, TREE_TYPE, key_of
@@ -159,6 +160,11 @@ def _client_class():
     return _Client
 
 
+def _requests():
+    import requests
+    return requests
+
+
 def _with_digest(location: str, digest: str) -> str:
     """The upload location with ?digest= (oras.utils.append_url_params, without importing oras)."""
     import oras.utils
@@ -239,7 +245,7 @@ class Remote:
     def _request(self, method: str, url: str, **kw) -> requests.Response:
         try:
             return self.client.do_request(url, method, **kw)
-        except (requests.RequestException, OSError) as err:
+        except (_requests().RequestException, OSError) as err:
             raise RemoteFailed(f"cannot reach {self.config.host} ({type(err).__name__})") from None
         except ValueError as err:  # oras: a token endpoint that would not answer
             raise RemoteFailed(str(err)) from None
@@ -298,7 +304,7 @@ class Remote:
                         if n > size:
                             break
                         yield chunk
-                except requests.RequestException as err:
+                except _requests().RequestException as err:
                     raise RemoteFailed(f"download of {digest[:19]} broke off ({type(err).__name__})") from None
                 if check and (n != size or f"sha256:{h.hexdigest()}" != digest):
                     raise BadBlob(f"{stage}: blob {digest[:19]}… from {self.config.host} does not match its "

@@ -8,6 +8,7 @@ import ast
 import inspect
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -236,3 +237,10 @@ def test_every_target_field_a_real_stage_reads_is_declared(name):
 def test_a_missing_host_package_is_a_version_not_a_traceback():
     from hypersolid.dpkg import host_version
     assert host_version("hypersolid-no-such-package") == "not installed"
+
+
+@pytest.mark.parametrize("package", ["multistrap", "apt-utils", "squashfs-tools", "apt", "libzstd1", "dpkg"])
+def test_host_versions_read_from_dpkg_status_are_what_dpkg_query_says(package):
+    from hypersolid.dpkg import host_version
+    said = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True).stdout
+    assert host_version(package) == (said.strip() or "not installed")
