@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import epoch, hooks, intree
+from .. import epoch, hooks, intree, usrmerge
 from ..container import install_script, run_in
 from ..debproxy import DebProxy
 from ..dpkg import read_status, write_package_manifest
@@ -113,7 +113,8 @@ def build_sources(sections: list[dict], arch: str, keyring: str) -> str:
 @register
 class Configure(Stage):
     name = "configure"
-    helpers = ("hypersolid.container", "hypersolid.dpkg", "hypersolid.epoch", "hypersolid.hooks", "hypersolid.intree")
+    helpers = ("hypersolid.container", "hypersolid.dpkg", "hypersolid.epoch", "hypersolid.hooks", "hypersolid.intree",
+               "hypersolid.usrmerge")
     upstream = ("bootstrap",)
     doc = "packages configured in a container (dpkg --configure, pre-configure hooks)"
     # The sources: what a hook's apt installs from (build_sources).
@@ -131,6 +132,11 @@ class Configure(Stage):
         hooks.checked(unit, "pre-configure", log)
         tree = out / "tree"
         run(["cp", "-a", "--reflink=auto", unit.output("bootstrap") / "tree", tree], log)
+        if any(r.get("Package") == "usrmerge" for r in read_status(tree)):
+            try:  # natively, not by the postinst's cp per file under qemu-user (usrmerge.py)
+                log.note(f"# merged /usr natively: {' '.join(usrmerge.merge(tree)) or 'nothing to merge'}")
+            except usrmerge.NotSimple as err:
+                log.note(f"# /usr left to usrmerge's postinst: {err}")
         root = intree.Root(tree)
         root.makedirs(str(Path(BUILD_LIST).parent))
         root.makedirs(str(Path(BUILD_KEYRING).parent))
