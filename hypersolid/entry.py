@@ -139,11 +139,37 @@ def compare(recorded: dict, actual: dict) -> list[str]:
 # What this process verified, (stage, key, item or None for all): a stage
 # consuming an entry checks it once per build run, not once per consumer.
 _verified: set[tuple[str, str, str | None]] = set()
+# What this build run published, across doit's worker processes (a stage
+# and its consumers often run in different ones): a marker per entry in a
+# directory named like a work directory (name.pid.hex, the main process's
+# pid), so the cache's sweep removes it when a killed run left it.
+_published: Path | None = None
+
+
+def start_run(tmp: Path) -> None:
+    """In the main process, before doit forks its workers; the directory
+    goes when this process exits."""
+    global _published
+    import atexit
+
+    _published = path = Path(tmp) / f"published.{os.getpid()}.{secrets.token_hex(3)}"
+    owner = os.getpid()
+    atexit.register(lambda: remove_tree(path) if os.getpid() == owner else None)  # not in a forked worker
+
+
+def _mark(stage: str, key: str) -> Path | None:
+    return _published / f"{stage}-{key}" if _published is not None else None
 
 
 def checked(stage: str, key: str, entry_dir: Path, only: str | None = None) -> list[str]:
-    """verify, remembered for this process when the entry is good."""
+    """verify, remembered for this process when the entry is good; an entry
+    this run published is not hashed again (its record was made from it
+    moments ago)."""
     if (stage, key, None) in _verified or (stage, key, only) in _verified:
+        return []
+    mark = _mark(stage, key)
+    if mark is not None and mark.exists():
+        _verified.add((stage, key, None))
         return []
     problems = verify(stage, key, entry_dir, only)
     if not problems:
@@ -155,6 +181,13 @@ def remember(stage: str, key: str) -> None:
     """This process just published the entry (and recorded its contents):
     its consumers in the same build need not hash it again."""
     _verified.add((stage, key, None))
+    mark = _mark(stage, key)
+    if mark is not None:
+        try:
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.touch()
+        except OSError:  # only a saving lost
+            pass
 
 
 def discard(cache: Cache, stage: str, key: str) -> None:
@@ -168,6 +201,9 @@ def discard(cache: Cache, stage: str, key: str) -> None:
         return
     for done in [v for v in _verified if v[:2] == (stage, key)]:
         _verified.discard(done)
+    mark = _mark(stage, key)
+    if mark is not None:
+        mark.unlink(missing_ok=True)
     remove_tree(doomed)
 
 

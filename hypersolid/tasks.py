@@ -15,7 +15,7 @@ from pathlib import Path
 from doit.exceptions import InvalidDodoFile, TaskError, TaskFailed
 from doit.tools import config_changed
 
-from . import buildid, lock, remote
+from . import buildid, entry, lock, remote
 from .cache import Cache, CacheError, digest_json
 from .checker import XxhashChecker
 from .config import Project, Target
@@ -78,6 +78,7 @@ def _cache(root: str) -> Cache:
         raise InvalidDodoFile(str(err)) from None
     lock.share_cache(cache.root)
     cache.collect_garbage()
+    entry.start_run(cache.tmp)  # entries this run publishes are not hashed again by their consumers
     try:
         shared = remote.get()  # a bad HYPERSOLID_REMOTE_CACHE* value: one line at load, not a traceback mid-build
         if shared is not None:

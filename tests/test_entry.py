@@ -283,6 +283,23 @@ def test_an_entry_this_process_just_built_is_not_hashed_again_by_its_consumer(un
     assert calls == [] and (unit.cache.entry("fake-source", key)).is_dir()
 
 
+def test_an_entry_this_run_published_is_not_hashed_again_in_another_worker(cache, monkeypatch):
+    monkeypatch.setattr(entry, "_verified", set())
+    monkeypatch.setattr(entry, "_published", None)
+    entry.start_run(cache.tmp)  # the main process, before doit forks its workers
+    path = publish(cache)
+    entry.remember("configure", KEY)
+    monkeypatch.setattr(entry, "_verified", set())  # another worker process: no memo of its own
+    calls = []
+    monkeypatch.setattr(entry, "verify", lambda *a: calls.append(a) or ["damaged"])
+    assert entry.checked("configure", KEY, path) == [] and calls == []
+    entry.discard(cache, "configure", KEY)  # a discarded entry is not vouched for any more
+    assert not (entry._published / f"configure-{KEY}").exists()
+    monkeypatch.setattr(entry, "_published", None)
+    monkeypatch.setattr(entry, "_verified", set())
+    assert entry.checked("configure", KEY, publish(cache)) == ["damaged"]  # the next run hashes it
+
+
 def test_a_failing_pack_names_tar_and_its_log_and_leaves_no_partial_blob(tmp_path):
     from hypersolid.run import BuildError, Log
     log = Log(tmp_path / "pack.log", "cache")
