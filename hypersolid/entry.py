@@ -152,9 +152,15 @@ def start_run(tmp: Path) -> None:
     global _published
     import atexit
 
-    _published = path = Path(tmp) / f"published.{os.getpid()}.{secrets.token_hex(3)}"
-    owner = os.getpid()
-    atexit.register(lambda: remove_tree(path) if os.getpid() == owner else None)  # not in a forked worker
+    _published = Path(tmp) / f"published.{os.getpid()}.{secrets.token_hex(3)}"
+    atexit.register(end_run)
+
+
+def end_run() -> None:
+    """Remove this run's markers: in the process that started the run only
+    (its name carries that pid), never in a forked worker."""
+    if _published is not None and _published.name.split(".")[1] == str(os.getpid()):
+        remove_tree(_published)
 
 
 def _mark(stage: str, key: str) -> Path | None:

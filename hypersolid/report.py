@@ -63,6 +63,8 @@ def install_excepthook() -> None:
         what = value if isinstance(value, Interrupted) else "interrupted"
         print(f"hypersolid: {what}; the running stage was stopped and kept nothing half-built",
               file=sys.stderr, flush=True)
+        from .entry import end_run  # os._exit runs no atexit handler
+        end_run()
         os._exit(interrupted_status(value))
 
     sys.excepthook = hook
