@@ -35,6 +35,12 @@ class NotSimple(Exception):
     """A case convert-usrmerge has to judge: the tree is left to it."""
 
 
+def _real_dir(root: Root, rel: str) -> bool:
+    """A directory itself, not a link to one (lstat: nothing followed)."""
+    st = root.lstat(rel)
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+
 def _same_link(root: Root, rel: str) -> bool:
     """Both /rel and /usr/rel are links naming the same file, by the rules
     convert-usrmerge accepts (identical text, or one relative to the other,
@@ -71,17 +77,19 @@ def merge(tree: Path) -> list[str]:
     was changed)."""
     tree = Path(tree)
     with Root(tree) as root:
-        dirs = [d for d in DIRS if root.lstat(d) is not None and not root.is_link(d) and root.is_dir(d)]
-        if not dirs or not root.is_dir("usr"):
+        dirs = [d for d in DIRS if _real_dir(root, d)]
+        if not dirs:
             return []
+        if not _real_dir(root, "usr"):  # a link would lead the plain paths below out of the tree
+            raise NotSimple("/usr is not a directory")
         moves: list[str] = []
         for d in dirs:
-            if root.lstat(f"usr/{d}") is not None and not root.is_dir(f"usr/{d}"):
+            if root.lstat(f"usr/{d}") is not None and not _real_dir(root, f"usr/{d}"):
                 raise NotSimple(f"/usr/{d} is not a directory")
             for name in sorted(root.listdir(d)):
                 _plan(root, f"{d}/{name}", moves)
-    # The plan holds: carry it out (plain paths from here: the dry run
-    # checked every name, and the parents are real directories).
+    # The plan holds: carry it out.  Plain paths from here: the dry run
+    # went only through real directories (lstat), so no parent is a link.
     for d in dirs:
         if not (tree / "usr" / d).exists():
             os.mkdir(tree / "usr" / d, 0o755)  # convert-usrmerge: mkdir under umask 022

@@ -70,6 +70,18 @@ def test_a_case_for_convert_usrmerge_leaves_the_tree_untouched(tmp_path, conflic
     assert describe_tree(root) == before
 
 
+def test_a_usr_directory_that_is_a_link_out_of_the_tree_is_refused(tmp_path):
+    outside = tmp_path / "host-bin"
+    outside.mkdir()
+    root = unmerged(tmp_path / "tree")
+    shutil.rmtree(root / "usr/bin")
+    os.symlink(str(outside), root / "usr/bin")
+    before = describe_tree(root)
+    with pytest.raises(usrmerge.NotSimple):
+        usrmerge.merge(root)
+    assert describe_tree(root) == before and list(outside.iterdir()) == []
+
+
 @pytest.mark.integration
 def test_the_native_merge_leaves_a_bootstrap_tree_as_convert_usrmerge_does(tmp_path_factory, shared_cache):
     needs_root_and_tools()
