@@ -41,9 +41,10 @@ LISTED = ("etc/modprobe.d", "usr/lib/modprobe.d", "etc/udev/rules.d", "usr/lib/u
           "usr/lib/systemd/network", "etc/systemd/network", "usr/lib/klibc/bin", "usr/lib/firmware",
           "usr/lib/modules/{kver}")
 TOOLS = ("usr/sbin/mkinitramfs", "usr/bin/cpio", "usr/sbin/ldconfig", "usr/bin/ldd")
-# Made by mkinitramfs from other inputs (ldconfig -r over the copied libraries):
+# Made by mkinitramfs from other inputs (ldconfig -r over the copied libraries,
+# a link to /proc/mounts):
 # the tree's own copy is not what goes in.
-GENERATED = frozenset({"etc/ld.so.cache"})
+GENERATED = frozenset({"etc/ld.so.cache", "etc/mtab"})
 # Whose owners are the `packages` of a record.
 CONFIG_PREFIXES = ("/usr/share/initramfs-tools/", "/etc/initramfs-tools/")
 MERGED = re.compile(r"usr/((?:s?bin|lib[^/]*)/.+)")
@@ -134,8 +135,10 @@ class TreeState:
         return self._walk(rel, listing=True)
 
 
-def package_versions(tree: Path, names) -> dict[str, str | None]:
-    """Installed version of each package (None: not installed)."""
+def package_versions(tree: Path, names, unpacked: bool = False) -> dict[str, str | None]:
+    """Installed version of each package (None: not installed); unpacked:
+    an unpacked package counts as installed (a tree not yet configured)."""
+    states = (" installed", " unpacked") if unpacked else (" installed",)
     wanted, found = set(names), {}
     try:
         text = (Path(tree) / "var/lib/dpkg/status").read_text(errors="replace")
@@ -143,7 +146,7 @@ def package_versions(tree: Path, names) -> dict[str, str | None]:
         text = ""
     for stanza in text.split("\n\n"):
         fields = dict(re.findall(r"^([\w-]+): ?(.*)$", stanza, re.M))
-        if fields.get("Package") in wanted and fields.get("Status", "").endswith(" installed"):
+        if fields.get("Package") in wanted and fields.get("Status", "").endswith(states):
             found[fields["Package"]] = fields.get("Version")
     return {n: found.get(n) for n in sorted(wanted)}
 
@@ -192,8 +195,9 @@ def record(destdir: Path, tree: Path, kver: str, tools: list[str], static: str) 
             "packages": owners}
 
 
-def digest(deps: dict, tree: Path, sde: int) -> str:
-    """The digest of what the record names, in the tree as it is now."""
+def digest(deps: dict, tree: Path, sde: int, unpacked: bool = False) -> str:
+    """The digest of what the record names, in the tree as it is now
+    (unpacked: see package_versions)."""
     state = TreeState(tree, sde)
     try:
         return digest_json({
@@ -201,7 +205,7 @@ def digest(deps: dict, tree: Path, sde: int) -> str:
             "files": {rel: state.file(rel) for rel in deps["files"]},
             "whole": {rel: state.whole(rel) for rel in deps["whole"]},
             "listed": {rel: state.listing(rel) for rel in deps["listed"]},
-            "packages": package_versions(tree, deps["packages"]),
+            "packages": package_versions(tree, deps["packages"], unpacked),
         })
     finally:
         state.close()

@@ -368,51 +368,75 @@ def isolated(fn: Callable, *args, foreground: bool = False):
     value or exception comes back through a pipe.  Stop signals here kill
     the child (and through PDEATHSIG all it runs).  foreground=True keeps
     the child in the terminal's process group (an interactive shell)."""
-    parent = os.getpid()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child
-        os.close(r)
-        status, result = 0, None
+    return Isolated(fn, *args, foreground=foreground).wait()
+
+
+class Isolated:
+    """An isolated child started now and waited for later (`wait`), so a
+    build can do other work meanwhile.  Fork it before starting threads."""
+
+    def __init__(self, fn: Callable, *args, foreground: bool = False):
+        parent = os.getpid()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            os.close(r)
+            status, result = 0, None
+            try:
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                if os.getppid() != parent:
+                    os._exit(1)
+                if not foreground:
+                    os.setpgid(0, 0)
+                if _libc.unshare(CLONE_NEWNS) != 0 or _libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+                    err = ctypes.get_errno()
+                    raise BuildError("mount namespace", f"cannot make a private mount namespace: {os.strerror(err)}")
+                result = fn(*args)
+            except BaseException as exc:  # noqa: B902 - everything goes back to the parent
+                status, result = 1, exc
+            try:
+                data = pickle.dumps((status, result))
+            except Exception:
+                data = pickle.dumps((1, BuildError("isolated", f"{result!r}")))
+            with os.fdopen(w, "wb") as f:
+                f.write(data)
+            os._exit(status)
+        os.close(w)
+        self.pid, self._r = pid, r
+
+    def wait(self):
+        """The child's return value (its exception raised here)."""
+        r, self._r = self._r, None
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)
-            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != parent:
-                os._exit(1)
-            if not foreground:
-                os.setpgid(0, 0)
-            if _libc.unshare(CLONE_NEWNS) != 0 or _libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-                err = ctypes.get_errno()
-                raise BuildError("mount namespace", f"cannot make a private mount namespace: {os.strerror(err)}")
-            result = fn(*args)
-        except BaseException as exc:  # noqa: B902 - everything goes back to the parent
-            status, result = 1, exc
+            with os.fdopen(r, "rb") as f:
+                data = f.read()
+            _, wstatus = os.waitpid(self.pid, 0)
+        except BaseException:
+            self.kill()
+            raise
+        if not data:
+            raise BuildError("isolated", f"the isolated build process died ({_describe(wstatus)})")
+        status, result = pickle.loads(data)
+        if status:
+            raise result
+        return result
+
+    def kill(self) -> None:
+        """Stop the child and everything it runs (its process group), and reap it."""
+        if self._r is not None:
+            os.close(self._r)
+            self._r = None
+        for target in (-self.pid, self.pid):
+            try:
+                os.kill(target, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         try:
-            data = pickle.dumps((status, result))
-        except Exception:
-            data = pickle.dumps((1, BuildError("isolated", f"{result!r}")))
-        with os.fdopen(w, "wb") as f:
-            f.write(data)
-        os._exit(status)
-    os.close(w)
-    try:
-        with os.fdopen(r, "rb") as f:
-            data = f.read()
-        _, wstatus = os.waitpid(pid, 0)
-    except BaseException:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
             pass
-        os.waitpid(pid, 0)
-        raise
-    if not data:
-        raise BuildError("isolated", f"the isolated build process died ({_describe(wstatus)})")
-    status, result = pickle.loads(data)
-    if status:
-        raise result
-    return result
 
 
 def _describe(wstatus: int) -> str:

@@ -6,6 +6,12 @@ output, the locale and the pre-configure hooks (each run in its own
 container run between preparing and `dpkg --configure -a`).  Daemons are blocked with
 policy-rc.d and update-initramfs is diverted to a no-op, so the initramfs is
 generated once, later, in its own stage instead of once per trigger here.
+
+Meanwhile an isolated child makes that initramfs from the bootstrap tree
+(initramfs.start_early): under qemu-user configure and mkinitramfs are the
+two longest steps, each on one core, and mkinitramfs reads almost nothing
+configure writes.  The initramfs stage then checks the child's record
+against the configured tree, as for any memo.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from ..container import install_script, run_in
 from ..debproxy import DebProxy
 from ..dpkg import read_status, write_package_manifest
 from ..run import Log, run
-from ..cache import digest_file
+from ..cache import digest_file, remove_tree
 from ..resolve import keyring_of
 from .resolve import sections_for, source_urls
 from . import Stage, Unit, register
@@ -130,8 +136,30 @@ class Configure(Stage):
 
     def build(self, unit: Unit, out: Path, log: Log) -> None:
         hooks.checked(unit, "pre-configure", log)
-        tree = out / "tree"
-        run(["cp", "-a", "--reflink=auto", unit.output("bootstrap") / "tree", tree], log)
+        tree, bootstrap = out / "tree", unit.output("bootstrap") / "tree"
+        from . import initramfs  # a sibling stage: registered after this one
+        # Forked first, before this process starts any thread (the proxy's).
+        early = initramfs.start_early(unit, bootstrap, out / ".early", log)
+        try:
+            self._configure(unit, bootstrap, tree, out, log)
+        except BaseException:
+            if early is not None:
+                early.kill()
+                remove_tree(out / ".early")
+            raise
+        if early is not None:
+            try:
+                early.wait()
+                log.note("# the early initramfs is made; the initramfs stage checks it against this tree")
+            except usrmerge.NotSimple as err:
+                log.note(f"# no early initramfs: {err}")
+            except Exception as err:  # never this stage's failure: the initramfs stage builds and reports
+                log.note(f"# the early initramfs failed ({getattr(err, 'message', err)}; "
+                         f"{unit.log_path('initramfs-early')}): the initramfs stage makes it")
+            remove_tree(out / ".early")
+
+    def _configure(self, unit: Unit, bootstrap: Path, tree: Path, out: Path, log: Log) -> None:
+        run(["cp", "-a", "--reflink=auto", bootstrap, tree], log)
         if any(r.get("Package") == "usrmerge" for r in read_status(tree)):
             try:  # natively, not by the postinst's cp per file under qemu-user (usrmerge.py)
                 log.note(f"# merged /usr natively: {' '.join(usrmerge.merge(tree)) or 'nothing to merge'}")
