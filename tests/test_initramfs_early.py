@@ -70,10 +70,25 @@ def test_a_hook_owner_with_a_postinst_nobody_read_keeps_the_initramfs_after_conf
     assert not (tmp_path / "early").exists()
 
 
-def test_a_serial_build_makes_no_early_initramfs(unit, tmp_path, monkeypatch):
-    monkeypatch.setenv("HYPERSOLID_JOBS", "1")
+def test_a_target_with_a_pre_configure_hook_keeps_the_initramfs_after_configure(unit, tmp_path):
+    """A hook may write anything, also a file a hook of initramfs-tools copies if it exists."""
+    put(unit.project.root, "targets/t/hooks/pre-configure.d/10-crypttab", "#!/bin/sh\n", 0o755)
+    clear_caches()
+    unit = Unit(unit.project, unit.project.load("t"), "amd64", unit.cache)
     tree = bootstrap_tree(tmp_path / "tree", {"udev": True})
-    assert initramfs.start_early(unit, tree, tmp_path / "early", Log(tmp_path / "log", "configure")) is None
+    log = Log(tmp_path / "configure.log", "configure")
+    assert initramfs.start_early(unit, tree, tmp_path / "early", log) is None
+    assert "a pre-configure hook may change" in log.path.read_text()
+
+
+def test_a_serial_build_makes_no_early_initramfs(unit, tmp_path, monkeypatch):
+    tree = bootstrap_tree(tmp_path / "tree", {"udev": True})
+    log = Log(tmp_path / "log", "configure")
+    monkeypatch.setenv("HYPERSOLID_JOBS", "2")
+    with pytest.raises(BuildError, match="bootstrap"):  # it goes on: to the epoch of a bootstrap never built here
+        initramfs.start_early(unit, tree, tmp_path / "early", log)
+    monkeypatch.setenv("HYPERSOLID_JOBS", "1")
+    assert initramfs.start_early(unit, tree, tmp_path / "early", log) is None
 
 
 def test_a_tree_without_mkinitramfs_is_left_to_the_stage_that_says_so(unit, tmp_path):

@@ -194,6 +194,9 @@ def start_early(unit: Unit, bootstrap: Path, work: Path, log: Log) -> "Isolated 
     if kver is None or not (bootstrap / "usr/sbin/mkinitramfs").exists() or \
             not any((bootstrap / d / tool).exists() for d in ("usr/bin", "bin")):
         return None  # the initramfs stage says what is missing
+    if t.hook_files("pre-configure"):
+        log.note("# initramfs after configure: a pre-configure hook may change what it is made of")
+        return None
     info = bootstrap / "var/lib/dpkg/info"
     owners, _ = initramfs_inputs.config_owners(bootstrap)
     unknown = [o for o in owners if o not in AUDITED and (any(info.glob(f"{o}.postinst"))
