@@ -263,6 +263,17 @@ def arm64_built(built) -> TestProject:
 
 
 @pytest.mark.foreign
+def test_arm64_initramfs_is_made_beside_configure_under_emulation(arm64_built):
+    """The emulated build's initramfs came from the early one (the image booted next)."""
+    logs = arm64_built.root / "build/qemu-arm64/arm64/logs"
+    configure = (logs / "configure.log").read_text()
+    if "# cache hit" in configure:
+        pytest.skip("configure came from a cache reused from an earlier run (HYPERSOLID_TEST_CACHE)")
+    assert "# the early initramfs is made; the initramfs stage checks it against this tree" in configure
+    assert "# what the initramfs is made of is unchanged: reusing " in (logs / "initramfs.log").read_text()
+
+
+@pytest.mark.foreign
 def test_arm64_vm_boots_to_multi_user_on_the_overlay(arm64_built, tmp_path):
     log = Log(tmp_path / "arm64.build.log", "boot-test arm64")
     seed = seed_archive(tmp_path, "hs-probe-poweroff")

@@ -55,7 +55,8 @@ def bootstrap_tree(root: Path, owners: dict[str, bool]) -> Path:
 
 
 @pytest.fixture
-def unit(tmp_path) -> Unit:
+def unit(tmp_path, monkeypatch) -> Unit:
+    monkeypatch.setenv(initramfs.EARLY_ENV, "1")  # the tree is amd64, like this host
     project = Project(tmp_path / "project")
     put(project.root, "targets/t/target.yaml", TARGET)
     clear_caches()
@@ -88,6 +89,21 @@ def test_a_serial_build_makes_no_early_initramfs(unit, tmp_path, monkeypatch):
     with pytest.raises(BuildError, match="bootstrap"):  # it goes on: to the epoch of a bootstrap never built here
         initramfs.start_early(unit, tree, tmp_path / "early", log)
     monkeypatch.setenv("HYPERSOLID_JOBS", "1")
+    assert initramfs.start_early(unit, tree, tmp_path / "early", log) is None
+
+
+def test_by_default_only_an_emulated_build_makes_an_early_initramfs(unit, tmp_path, monkeypatch):
+    """Natively mkinitramfs takes seconds beside squashfs: a copy of the tree would cost what it saves."""
+    from hypersolid import container
+    tree = bootstrap_tree(tmp_path / "tree", {"udev": True})
+    log = Log(tmp_path / "log", "configure")
+    monkeypatch.delenv(initramfs.EARLY_ENV)
+    monkeypatch.setattr(container, "emulated", lambda arch: False)
+    assert initramfs.start_early(unit, tree, tmp_path / "early", log) is None
+    monkeypatch.setattr(container, "emulated", lambda arch: True)
+    with pytest.raises(BuildError, match="bootstrap"):  # it goes on: to the epoch of a bootstrap never built here
+        initramfs.start_early(unit, tree, tmp_path / "early", log)
+    monkeypatch.setenv(initramfs.EARLY_ENV, "0")
     assert initramfs.start_early(unit, tree, tmp_path / "early", log) is None
 
 

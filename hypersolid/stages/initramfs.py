@@ -173,6 +173,12 @@ AUDITED = {
 }
 
 
+# auto (the default): for an emulated architecture only.  Natively mkinitramfs
+# takes seconds and runs beside squashfs anyway, so the extra copy of the
+# tree would cost what the overlap saves; 1: natively too; 0: never.
+EARLY_ENV = "HYPERSOLID_EARLY_INITRAMFS"
+
+
 def start_early(unit: Unit, bootstrap: Path, work: Path, log: Log) -> "Isolated | None":
     """Start making the initramfs from the bootstrap tree in an isolated
     child, so it runs beside `dpkg --configure` (the two longest stages of
@@ -181,11 +187,14 @@ def start_early(unit: Unit, bootstrap: Path, work: Path, log: Log) -> "Isolated 
     cutoff's check, unchanged): what it records must be the same there, or
     the stage builds as before.  None (with the reason in the log) when this
     cannot pay off or cannot be trusted."""
+    from ..container import emulated
     from ..run import Isolated
     from . import STAGES, real_target, view
     stage = STAGES["initramfs"]
     whole = dataclasses.replace(unit, target=real_target(unit.target))
-    if not stage.applies(whole) or os.environ.get("HYPERSOLID_JOBS") == "1":
+    wanted = os.environ.get(EARLY_ENV, "auto")
+    if not stage.applies(whole) or os.environ.get("HYPERSOLID_JOBS") == "1" or wanted == "0" or \
+            (wanted != "1" and not emulated(unit.arch)):
         return None
     unit = view(stage, whole)
     t = unit.target
