@@ -211,21 +211,27 @@ def digest(deps: dict, tree: Path, sde: int, unpacked: bool = False) -> str:
         state.close()
 
 
-def find(cache: Cache, memo: str, static: str, tree: Path, sde: int) -> tuple[Path, str] | None:
-    """A memoised initramfs whose recorded inputs are all unchanged in the
-    tree: (its entry, its key), newest first; None if there is none."""
+def records(cache: Cache, memo: str, static: str):
+    """(entry, record) of each memo with this static part, newest first;
+    entries without a readable record are skipped."""
     try:
         entries = sorted(((e.stat().st_mtime, e) for e in (cache.root / memo).iterdir()), reverse=True)
     except OSError:
-        return None
-    tried = 0
+        return
     for _, entry in entries:
         try:
             deps = json.loads((entry / "deps.json").read_text())
         except (OSError, ValueError):
             continue
-        if deps.get("static") != static:
-            continue
+        if deps.get("static") == static:
+            yield entry, deps
+
+
+def find(cache: Cache, memo: str, static: str, tree: Path, sde: int) -> tuple[Path, str] | None:
+    """A memoised initramfs whose recorded inputs are all unchanged in the
+    tree: (its entry, its key), newest first; None if there is none."""
+    tried = 0
+    for entry, deps in records(cache, memo, static):
         if digest(deps, tree, sde) == entry.name and cache.lookup(memo, entry.name) is not None:
             return entry, entry.name
         tried += 1

@@ -86,7 +86,7 @@ def test_adding_less_reuses_the_initramfs_byte_for_byte_in_seconds(project):
     result = project.doit(f"initramfs:{NAME}", env=EARLY_ON)
     assert f"initramfs:{NAME}" in result.executed and project.key("configure", NAME) != configured
     assert REUSED in log(project)
-    assert "an earlier one of the same kernel and hooks likely fits" in configure_log(project)  # no early one
+    assert "an earlier one of the same kernel and hook packages likely fits" in configure_log(project)  # no early one
     assert image(project) == before
     seconds = stage_seconds(result.output)
     print(f"initramfs stage: {seconds:.1f} s with less added")

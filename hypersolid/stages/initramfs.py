@@ -54,6 +54,24 @@ def kernel_version(tree: Path) -> str | None:
     return max(versions, key=natural) if versions else None
 
 
+def missing(tree: Path, kver: str | None, arch: str, compression: str) -> str | None:
+    """What the tree lacks for mkinitramfs, as the build's error (None: nothing)."""
+    if kver is None:
+        return (f"no kernel in the configured tree (boot/vmlinuz-* with lib/modules/*): "
+                f"the target's packages for {arch} name no installable linux-image-*")
+    if not (tree / "usr/sbin/mkinitramfs").exists():
+        return "mkinitramfs is missing from the tree: add the package 'initramfs-tools'"
+    tool = compressor(compression)
+    if not any((tree / d / tool).exists() for d in ("usr/bin", "bin")):
+        return (f"initramfs compression {compression} needs {tool} in the tree: add the "
+                f"package '{INITRAMFS_COMPRESSORS[compression]}' (or set initramfs: {{compression: gzip}})")
+    return None
+
+
+def compressor(compression: str) -> str:
+    return "lzma" if compression == "lzma" else compression
+
+
 def initramfs_conf(modules: str, compression: str) -> str:
     """BOOT=hypersolid makes the boot script the default (initramfs-tools' init
     reads conf.d after clearing BOOT and before the command line, where
@@ -82,18 +100,10 @@ class Initramfs(Stage):
 
     def build(self, unit: Unit, out: Path, log: Log) -> None:
         lower = unit.output("configure") / "tree"
-        t = unit.target
         kver = kernel_version(lower)
-        if kver is None:
-            raise log.fail(f"no kernel in the configured tree (boot/vmlinuz-* with lib/modules/*): "
-                           f"the target's packages for {unit.arch} name no installable linux-image-*")
-        if not (lower / "usr/sbin/mkinitramfs").exists():
-            raise log.fail("mkinitramfs is missing from the tree: add the package 'initramfs-tools'")
-        tool = "lzma" if t.initramfs_compression == "lzma" else t.initramfs_compression
-        if not any((lower / d / tool).exists() for d in ("usr/bin", "bin")):
-            raise log.fail(f"initramfs compression {t.initramfs_compression} needs {tool} in the tree: add the "
-                           f"package '{INITRAMFS_COMPRESSORS[t.initramfs_compression]}' (or set "
-                           "initramfs: {compression: gzip})")
+        problem = missing(lower, kver, unit.arch, unit.target.initramfs_compression)
+        if problem:
+            raise log.fail(problem)
         sde = epoch.source_date_epoch(unit)
         static = self.static(unit, sde)
         found = initramfs_inputs.find(unit.cache, MEMO, static, lower, sde)
@@ -115,9 +125,9 @@ def make(unit: Unit, lower: Path, kver: str, static: str, sde: int, out: Path, l
     """mkinitramfs over a writable view of `lower` (in a private mount
     namespace): the outputs into `out`, and the memo of what went in.
     unpacked: `lower` is a tree whose packages are unpacked, not configured
-    (early.py), so their versions count as installed ones in the memo's key."""
+    (start_early), so their versions count as installed ones in the memo's key."""
     t = unit.target
-    tool = "lzma" if t.initramfs_compression == "lzma" else t.initramfs_compression
+    tool = compressor(t.initramfs_compression)
     work = out / ".work"
     tree = writable_view(lower, work, log)
     conf = tree / "etc/initramfs-tools"
@@ -148,6 +158,8 @@ def make(unit: Unit, lower: Path, kver: str, static: str, sde: int, out: Path, l
     (out / "kernel.json").write_text(json.dumps({"version": kver}) + "\n")
     release_view(work, log)
     content = initramfs_inputs.digest(deps, lower, sde, unpacked=unpacked)
+    # Not part of the digest: what start_early compares before it makes another.
+    deps["versions"] = hook_versions(lower, deps["packages"], kver, unpacked)
     if unit.cache.lookup(MEMO, content) is None:
         with unit.cache.publish(MEMO, content, {"stage": MEMO, "target": t.name, "arch": unit.arch}) as memo:
             for name in OUTPUTS:
@@ -199,9 +211,7 @@ def start_early(unit: Unit, bootstrap: Path, work: Path, log: Log) -> "Isolated 
     unit = view(stage, whole)
     t = unit.target
     kver = kernel_version(bootstrap)
-    tool = "lzma" if t.initramfs_compression == "lzma" else t.initramfs_compression
-    if kver is None or not (bootstrap / "usr/sbin/mkinitramfs").exists() or \
-            not any((bootstrap / d / tool).exists() for d in ("usr/bin", "bin")):
+    if missing(bootstrap, kver, unit.arch, t.initramfs_compression):
         return None  # the initramfs stage says what is missing
     if t.hook_files("pre-configure"):
         log.note("# initramfs after configure: a pre-configure hook may change what it is made of")
@@ -215,29 +225,18 @@ def start_early(unit: Unit, bootstrap: Path, work: Path, log: Log) -> "Isolated 
         return None
     sde = epoch.source_date_epoch(unit)
     static = stage.static(unit, sde)
-    versions = initramfs_inputs.package_versions(bootstrap, owners, unpacked=True)
-    for deps in _memos(unit, static):
-        if deps.get("kver") == kver and initramfs_inputs.package_versions(bootstrap, deps.get("packages", []),
-                                                                          unpacked=True) == versions:
-            log.note("# initramfs after configure: an earlier one of the same kernel and hooks likely fits")
-            return None
+    versions = hook_versions(bootstrap, owners, kver, unpacked=True)
+    if any(deps.get("versions") == versions for _, deps in initramfs_inputs.records(unit.cache, MEMO, static)):
+        log.note("# initramfs after configure: an earlier one of the same kernel and hook packages likely fits")
+        return None
     early_log = Log(unit.log_path("initramfs-early"), f"initramfs-early:{t.name}/{unit.arch}")
     log.note(f"# making the initramfs from the bootstrap tree meanwhile: {early_log.path}")
     return Isolated(_early, unit, bootstrap, work, kver, static, sde, early_log)
 
 
-def _memos(unit: Unit, static: str):
-    try:
-        entries = list((unit.cache.root / MEMO).iterdir())
-    except OSError:
-        return
-    for entry in entries:
-        try:
-            deps = json.loads((entry / "deps.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if deps.get("static") == static:
-            yield deps
+def hook_versions(tree: Path, owners: list[str], kver: str, unpacked: bool) -> dict:
+    """The versions of the kernel package and of the packages owning hooks."""
+    return initramfs_inputs.package_versions(tree, [*owners, f"linux-image-{kver}"], unpacked)
 
 
 def _early(unit: Unit, bootstrap: Path, work: Path, kver: str, static: str, sde: int, log: Log) -> None:
