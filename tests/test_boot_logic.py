@@ -136,3 +136,20 @@ def test_boot_and_initramfs_tasks_exist_only_for_kernels(project):
     assert "initramfs:vm-arm64" not in listing and "boot:vm-arm64" not in listing
     assert not [t for t in listing if t.endswith(":appliance") and t.split(":")[0] in ("initramfs", "boot")]
     assert "bootfiles:appliance-arm64" in listing and "bootfiles:vm-arm64" in listing
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 511, 512, 513, 70001])
+def test_the_image_cpio_has_the_bytes_gnu_cpio_makes(tmp_path, size):
+    import shutil
+    if not shutil.which("cpio"):
+        pytest.skip("cpio is not installed")
+    from hypersolid.stages.bootfiles import newc
+    img = tmp_path / "system-amd64.img"
+    img.write_bytes(os.urandom(size))
+    img.chmod(0o600)  # the archive says 0644 whatever the file's mode
+    newc(img, tmp_path / "ours.cpio", 1700000000)
+    img.chmod(0o644)
+    os.utime(img, (1700000000, 1700000000))
+    subprocess.run('echo system-amd64.img | cpio --quiet --reproducible -R 0:0 -o -H newc > gnu.cpio',
+                   shell=True, check=True, cwd=tmp_path)
+    assert (tmp_path / "ours.cpio").read_bytes() == (tmp_path / "gnu.cpio").read_bytes()
