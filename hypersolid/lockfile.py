@@ -8,9 +8,12 @@ UTF-8 text; `#` lines are comments (the first two are written by `write`);
 one line per package, sorted, six tab-separated fields.  `filename` is the
 pool path as the Packages index gives it, `source` the archive URL it came
 from, so a lock names each .deb completely (URL = source/filename) and
-the sha256 proves it.  The bootstrap writes one into its cache entry
-(packages.lock), bootfiles copies it to dist/<t>/packages-<arch>.lock, and a
-target's `lock:` setting pins a build to one.
+the sha256 proves it.  A seventh field, `top`, marks the packages nothing
+else in the set depends on (layers.py): the configure stage installs them
+onto the configured base.  A lock without it (older ones) is built flat.
+The configure stage writes the whole set into its cache entry
+(packages.lock), bootfiles copies it to dist/<t>/packages-<arch>.lock, and
+a target's `lock:` setting pins a build to one.
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ from typing import Iterable
 
 from .cache import temp_name
 
-HEADER = "# package\tversion\tarchitecture\tsha256\tfilename\tsource"
+HEADER = "# package\tversion\tarchitecture\tsha256\tfilename\tsource\t[top]"
 FIELDS = ("package", "version", "architecture", "sha256", "filename", "source")
+TOP = "top"
 SHA256 = re.compile(r"[0-9a-f]{64}")
 NAME = re.compile(r"[a-z0-9][a-z0-9+.-]*")
 VERSION = re.compile(r"[A-Za-z0-9.+~:-]+")
@@ -45,13 +49,18 @@ class LockEntry:
     sha256: str
     filename: str
     source: str
+    layer: str = ""  # TOP: installed onto the configured base (layers.py)
 
     @property
     def url(self) -> str:
         return f"{self.source.rstrip('/')}/{self.filename}"
 
+    @property
+    def top(self) -> bool:
+        return self.layer == TOP
+
     def line(self) -> str:
-        return "\t".join(getattr(self, f) for f in FIELDS)
+        return "\t".join([*(getattr(self, f) for f in FIELDS), *([self.layer] if self.layer else [])])
 
 
 def dumps(entries: Iterable[LockEntry], target: str = "", arch: str = "") -> str:
@@ -77,9 +86,11 @@ def loads(text: str, name: str | Path = "<lock>") -> list[LockEntry]:
         if not line.strip() or line.startswith("#"):
             continue
         fields = line.split("\t")
-        if len(fields) != len(FIELDS):
+        if len(fields) not in (len(FIELDS), len(FIELDS) + 1):
             raise LockError(name, n, f"expected {len(FIELDS)} tab-separated fields "
-                            f"({' '.join(FIELDS)}), found {len(fields)}")
+                            f"({' '.join(FIELDS)}) and optionally `{TOP}`, found {len(fields)}")
+        if len(fields) > len(FIELDS) and fields[-1] != TOP:
+            raise LockError(name, n, f"field 7: {fields[-1]!r} is not `{TOP}` (the only mark a package can have)")
         e = LockEntry(*fields)
         for field, pattern in (("package", NAME), ("version", VERSION), ("architecture", NAME)):
             if not pattern.fullmatch(getattr(e, field)):

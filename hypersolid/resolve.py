@@ -13,6 +13,7 @@ against the host's Debian archive keyring (or the target's apt_keyring).
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import re
@@ -23,7 +24,8 @@ from urllib.parse import unquote, urlsplit
 from .cache import digest_file, digest_json, mark_used
 from .config import DEBIAN_KEYRING
 from .debproxy import parse_packages
-from .lockfile import LockEntry
+from . import layers
+from .lockfile import TOP, LockEntry
 from .run import BuildError, Log, run, tail_of
 
 DEFAULT_MAX_AGE = 3600
@@ -207,9 +209,26 @@ def _resolve(state: Path, sections: list[dict], names: list[str], arch: str, key
         entries = parse_uris(plan.stdout.decode(errors="replace"), urls, pool_hashes(state / "var/lib/apt/lists", urls))
     except BuildError as err:
         raise log.fail(err.message) from None
-    log.note(f"# resolved {len(entries)} packages: apt-get update {took_update:.1f}s, "
-             f"plan {time.monotonic() - start - took_update:.1f}s")
+    entries = mark_top(entries, run(["apt-cache", "show", *(f"{e.package}={e.version}" for e in entries)], log,
+                                    env=env, check=False, capture=True).stdout.decode(errors="replace"), log)
+    log.note(f"# resolved {len(entries)} packages ({sum(e.top for e in entries)} on top): apt-get update "
+             f"{took_update:.1f}s, plan {time.monotonic() - start - took_update:.1f}s")
     return entries
+
+
+def mark_top(entries: list[LockEntry], shown: str, log: Log | None = None) -> list[LockEntry]:
+    """The entries with the packages nothing else depends on marked `top`
+    (layers.py), from `apt-cache show` of exactly these versions; unmarked
+    (a flat build) if apt did not show every one of them."""
+    stanzas = layers.parse_stanzas(shown)
+    wanted = {e.package: e.version for e in entries}
+    known = {name: fields for name, fields in stanzas.items() if fields.get("Version") == wanted.get(name)}
+    if set(known) != set(wanted):
+        if log is not None:
+            log.note(f"# no top layer: apt shows no control data of {' '.join(sorted(set(wanted) - set(known))[:5])}")
+        return [dataclasses.replace(e, layer="") for e in entries]
+    top = layers.top_packages(known)
+    return [dataclasses.replace(e, layer=TOP if e.package in top else "") for e in entries]
 
 
 def _apt_error(log: Log, status: int) -> str:

@@ -1,6 +1,8 @@
 """Lock files: the format round-trips, and every bad line is one FILE:LINE error."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from hypersolid import lockfile
@@ -24,6 +26,16 @@ def test_write_sorts_and_read_round_trips(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name != path.name]  # no temp file left
 
 
+def test_the_top_mark_round_trips_and_a_six_field_lock_is_all_base(tmp_path):
+    path = tmp_path / "packages-amd64.lock"
+    top = dataclasses.replace(B, layer=lockfile.TOP)
+    lockfile.write(path, [A, top], "tiny", "amd64")
+    assert path.read_text().splitlines()[2].endswith("\thttp://deb.debian.org/debian\ttop")
+    assert lockfile.read(path) == [top, A]
+    assert [e.top for e in lockfile.read(path)] == [True, False]
+    assert A.line().count("\t") == 5  # an unmarked entry is the six fields it always was
+
+
 def test_url_joins_source_and_pool_path():
     assert A.url == "http://deb.debian.org/debian/pool/main/b/base-files/base-files_12.4+deb12u5_amd64.deb"
 
@@ -36,6 +48,8 @@ def test_url_joins_source_and_pool_path():
     ("adduser\t3.134\tall\t" + SHA + "\t/etc/passwd\thttp://x", "filename: '/etc/passwd'"),
     ("adduser\t3.134\tall\t" + SHA + "\tpool/../../x.deb\thttp://x", "filename:"),
     ("adduser\t3.134\tall\t" + SHA + "\tpool/a.deb\tmirror", "source: 'mirror'"),
+    ("adduser\t3.134\tall\t" + SHA + "\tpool/a.deb\thttp://x\tbase", "field 7: 'base' is not `top`"),
+    ("adduser\t3.134\tall\t" + SHA + "\tpool/a.deb\thttp://x\ttop\tx", "found 8"),
 ])
 def test_a_bad_line_is_one_error_naming_file_and_line(tmp_path, line, message):
     path = tmp_path / "x.lock"

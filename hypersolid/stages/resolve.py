@@ -55,6 +55,7 @@ class Resolve(Stage):
     doc = "the exact package versions the mirror serves now (apt), at most once per index_max_age"
     reads = ("suite", "mirror", "security_mirror", "sections", "apt_keyring")
     uses = ("apt_proxy", "index_max_age", "lock")
+    helpers = ("hypersolid.resolve", "hypersolid.layers", "hypersolid.lockfile")
 
     def applies(self, unit: Unit) -> bool:
         return unit.arch is not None and real_target(unit.target).lock is None
