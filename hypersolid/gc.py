@@ -182,7 +182,7 @@ def last_build_items(project, cache: Cache) -> set[Path]:
         if not entry.is_dir():
             continue
         kept.add(entry)
-        if key_file.stem == "bootstrap":
+        if key_file.stem in ("bootstrap", "configure"):  # the base's .debs, and the top's
             try:
                 entries = lockfile.read(entry / "packages.lock")
             except (OSError, lockfile.LockError):

@@ -57,11 +57,11 @@ def outdated(unit: Unit, last: list[LockEntry]) -> list[tuple[LockEntry, LockEnt
 
 def last_build_lock(unit: Unit) -> Path | None:
     """The lock of the last build: dist/<t>/packages-<arch>.lock, else (a
-    build that stopped before bootfiles) the last bootstrap's cache entry."""
+    build that stopped before bootfiles) the last configure's cache entry."""
     dist = unit.dist_dir / f"packages-{unit.arch}.lock"
     if dist.exists():
         return dist
-    if unit.has_entry("bootstrap"):
-        return unit.output("bootstrap", "packages.lock")
+    if unit.has_entry("configure"):
+        return unit.output("configure", "packages.lock")
     return None
 

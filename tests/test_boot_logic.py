@@ -66,7 +66,7 @@ def test_dist_holds_kernel_initramfs_image_manifest_and_build_info(project):
         "system-amd64.img": ("squashfs", "system-amd64.img"),
         "system-amd64.cpio": ("squashfs", "system-amd64.img"),  # wrapped by bootfiles
         "packages-amd64.tsv": ("squashfs", "packages.tsv"),
-        "packages-amd64.lock": ("bootstrap", "packages.lock"),
+        "packages-amd64.lock": ("configure", "packages.lock"),
         "sbom-amd64.cdx.json": ("sbom", "sbom.cdx.json"),
         "sbom-amd64.spdx.json": ("sbom", "sbom.spdx.json"),
     }
@@ -79,7 +79,7 @@ def test_a_target_without_kernel_still_gets_its_image_in_dist(project):
     u = unit(project, "appliance", "arm64")
     assert stage.files(u) == {"system-arm64.img": ("squashfs", "system-arm64.img"),
                               "packages-arm64.tsv": ("squashfs", "packages.tsv"),
-                              "packages-arm64.lock": ("bootstrap", "packages.lock"),
+                              "packages-arm64.lock": ("configure", "packages.lock"),
                               "sbom-arm64.cdx.json": ("sbom", "sbom.cdx.json"),
                               "sbom-arm64.spdx.json": ("sbom", "sbom.spdx.json")}
     assert "initramfs" not in stage.upstream_of(u)

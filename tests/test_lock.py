@@ -144,7 +144,8 @@ def target_text(mirror: Mirror, extra: str = "") -> str:
 
 
 def installed(p: TestProject, target: str, package: str) -> str:
-    status = (p.entry("bootstrap", target) / "tree/var/lib/dpkg/status").read_text()
+    """The version in the configured tree (netbase is a top package: layers.py)."""
+    status = (p.entry("configure", target) / "tree/var/lib/dpkg/status").read_text()
     stanza = next(s for s in status.split("\n\n") if s.startswith(f"Package: {package}\n"))
     return next(ln.split(": ", 1)[1] for ln in stanza.splitlines() if ln.startswith("Version:"))
 
@@ -163,40 +164,40 @@ AFTER = {"HYPERSOLID_INDEX_MAX_AGE": "0"}
 def test_a_mirror_update_is_picked_up_after_the_window_and_not_within_it(world):
     mirror, old, new, p = world
     mirror.start()
-    first = p.doit("bootstrap:m", env=WITHIN)
-    assert {"resolve:m", "bootstrap:m"} <= first.executed
-    before = p.key("bootstrap", "m")
+    first = p.doit("configure:m", env=WITHIN)
+    assert {"resolve:m", "bootstrap:m", "configure:m"} <= first.executed
+    before = p.key("configure", "m")
     old_version = installed(p, "m", "netbase")
     assert not old_version.endswith(BUMP)
 
     mirror.publish(new)
     mirror.stop()  # within the window nothing may ask the mirror
-    quiet = p.doit("bootstrap:m", env=WITHIN)
+    quiet = p.doit("configure:m", env=WITHIN)
     assert quiet.executed == set(), quiet.output
-    assert {"resolve:m", "bootstrap:m"} <= quiet.uptodate
-    assert p.key("bootstrap", "m") == before
+    assert {"resolve:m", "bootstrap:m", "configure:m"} <= quiet.uptodate
+    assert p.key("configure", "m") == before
 
     mirror.start()
     report = hypersolid(p, "outdated", "m")
     assert report.status == 1, report.output
     assert report.line("netbase:all", old_version, f"{old_version}{BUMP}")
 
-    after = p.doit("bootstrap:m", env=AFTER)
-    assert {"resolve:m", "bootstrap:m"} <= after.executed
-    assert p.key("bootstrap", "m") != before  # so configure and everything after run again
+    after = p.doit("configure:m", env=AFTER)
+    assert {"resolve:m", "configure:m"} <= after.executed
+    assert p.key("configure", "m") != before  # so everything after runs again
     assert installed(p, "m", "netbase") == f"{old_version}{BUMP}"
-    lock = {e.package: e for e in lockfile.read(p.entry("bootstrap", "m") / "packages.lock")}
+    lock = {e.package: e for e in lockfile.read(p.entry("configure", "m") / "packages.lock")}
     assert lock["netbase"].version == f"{old_version}{BUMP}"
     current = hypersolid(p, "outdated", "m")
     assert current.status == 0, current.output
     assert current.line("are the mirror's newest")
 
-    again = p.doit("bootstrap:m", env=AFTER)  # re-resolved, same answer: the bootstrap stays
-    assert "resolve:m" in again.executed and "bootstrap:m" in again.uptodate
+    again = p.doit("configure:m", env=AFTER)  # re-resolved, same answer: the build stays
+    assert "resolve:m" in again.executed and {"bootstrap:m", "configure:m"} <= again.uptodate
 
     mirror.stop()  # offline after the window: one warning, the last resolution
-    offline = p.doit("bootstrap:m", env=AFTER)
-    assert "bootstrap:m" in offline.uptodate
+    offline = p.doit("configure:m", env=AFTER)
+    assert "configure:m" in offline.uptodate
     assert Outcome(offline.returncode, offline.output).line("warning: m/amd64: cannot check the mirror",
                                                            f"cannot reach the mirror {mirror.url}: connection refused")
     refresh = hypersolid(p, "build", "--refresh", "m")  # --refresh insists on asking
@@ -212,7 +213,7 @@ def test_a_locked_target_keeps_its_versions_and_lock_round_trips(world):
     lock_file = p.root / "targets/locked/packages-amd64.lock"
     assert hypersolid(p, "lock", "locked").status == 0
     first = lock_file.read_text()
-    p.doit("bootstrap:locked")
+    p.doit("configure:locked")
     assert hypersolid(p, "lock", "locked").status == 0
     assert lock_file.read_text() == first  # lock, build, lock: the same file
     old_version = installed(p, "locked", "netbase")
@@ -221,11 +222,13 @@ def test_a_locked_target_keeps_its_versions_and_lock_round_trips(world):
     # target has no resolve task, and a rebuild takes the pinned .deb from the cache.
     mirror.publish(new)
     assert "resolve:locked" not in p.doit("list", "--all").output
-    shutil.rmtree(p.entry("bootstrap", "locked"))
-    rebuilt = p.doit("bootstrap:locked", env=AFTER)
-    assert "bootstrap:locked" in rebuilt.executed
+    for stage in ("bootstrap", "configure"):
+        shutil.rmtree(p.entry(stage, "locked"))
+    rebuilt = p.doit("configure:locked", env=AFTER)
+    assert {"bootstrap:locked", "configure:locked"} <= rebuilt.executed
     assert installed(p, "locked", "netbase") == old_version
-    assert lockfile.read(p.entry("bootstrap", "locked") / "packages.lock") == lockfile.read(lock_file)
+    assert lockfile.read(p.entry("configure", "locked") / "packages.lock") == lockfile.read(lock_file)
+    assert any(e.top for e in lockfile.read(lock_file))  # `hypersolid lock` marks the top layer
 
 
 def test_a_lock_naming_a_version_nobody_has_is_one_error_line(world):

@@ -35,6 +35,6 @@ def test_recommends_true_installs_the_recommended_package_and_the_tsv_shows_it(p
     plain, recommending = installed(project, "plain"), installed(project, "recommending")
     assert plain < recommending
     assert "psmisc" in recommending - plain
-    # the resolver took the recommends; the bootstrap installed exactly its lock
-    lock = (project.entry("bootstrap", "recommending") / "packages.lock").read_text()
+    # the resolver took the recommends; the build installed exactly its lock
+    lock = (project.entry("configure", "recommending") / "packages.lock").read_text()
     assert "\npsmisc\t" in lock

@@ -100,7 +100,7 @@ class Bootfiles(Stage):
             if image in wanted:
                 files[image_name(a, ext)] = ("squashfs", image_name(a))
         files[f"packages-{a}.tsv"] = ("squashfs", "packages.tsv")
-        files[f"packages-{a}.lock"] = ("bootstrap", "packages.lock")
+        files[f"packages-{a}.lock"] = ("configure", "packages.lock")
         files[f"sbom-{a}.cdx.json"] = ("sbom", "sbom.cdx.json")
         files[f"sbom-{a}.spdx.json"] = ("sbom", "sbom.spdx.json")
         return files

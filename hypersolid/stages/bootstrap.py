@@ -1,4 +1,5 @@
-"""bootstrap: multistrap unpacks exactly the locked .debs into a tree.
+"""bootstrap: multistrap unpacks exactly the locked .debs into a tree
+(the base of the set: the top packages are configure's, see layers.py).
 
 The package set is a lock file (lockfile.py): the target's own (`lock:`)
 or the resolve stage's build/<t>/<arch>/resolved.lock.  Its content is an
@@ -109,14 +110,29 @@ def lock_path(unit: Unit) -> Path:
     return real_target(unit.target).lock_file(unit.arch) or unit.build_dir / RESOLVED
 
 
-def locked_set(path: Path) -> str:
-    """The key's view of a lock: a digest of its entries (not its comments,
-    so two targets with one package set share the bootstrap entry); a
-    missing or bad lock is a value too (the build then says what is wrong)."""
+def layers_of(unit: Unit, entries: list[lockfile.LockEntry]) -> tuple[list, list]:
+    """(base, top) of a lock (layers.py): the bootstrap unpacks the base, the
+    configure stage adds the top packages.  All base for a target with
+    post-bootstrap hooks: such a hook may read or edit any package's files."""
+    if real_target(unit.target).hook_files("post-bootstrap"):
+        return list(entries), []
+    return [e for e in entries if not e.top], [e for e in entries if e.top]
+
+
+def read_layers(unit: Unit) -> tuple[list, list] | str:
+    """layers_of the unit's lock, or why the lock is unusable (a key value:
+    the build then says what is wrong)."""
     try:
-        return digest_json([e.line() for e in lockfile.read(path)])
+        return layers_of(unit, lockfile.read(lock_path(unit)))
     except lockfile.LockError as err:
         return f"unreadable: {err.message}"
+
+
+def locked_set(entries: list[lockfile.LockEntry] | str) -> str:
+    """The key's view of a set of lock entries: a digest of the entries (not
+    the lock's comments, so two targets with one package set share the
+    entry); a bad lock is a value too."""
+    return entries if isinstance(entries, str) else digest_json([e.line() for e in entries])
 
 
 def _check_tree(tree: Path, entries: list[lockfile.LockEntry], log: Log) -> None:
@@ -139,8 +155,9 @@ class Bootstrap(Stage):
     uses = ("apt_proxy", "hook_timeout", "lock")
 
     def computed(self, unit: Unit) -> dict:
+        read = read_layers(unit)  # the base only: adding a top package keeps this entry
         return {"arch": unit.arch, "multistrap": host_version("multistrap"),
-                "apt-ftparchive": host_version("apt-utils"), "packages": locked_set(lock_path(unit))}
+                "apt-ftparchive": host_version("apt-utils"), "packages": locked_set(read if isinstance(read, str) else read[0])}
 
     def input_files(self, unit: Unit) -> dict[str, Path]:
         return hooks.input_files(unit, "post-bootstrap")
@@ -163,6 +180,10 @@ class Bootstrap(Stage):
         wrong = [e for e in entries if e.architecture not in (unit.arch, "all")]
         if wrong:
             raise log.fail(f"{source}: {wrong[0].package} is locked for {wrong[0].architecture}, not {unit.arch}")
+        entries, top = layers_of(unit, entries)
+        if top:
+            log.note(f"# the base: {len(entries)} packages; {len(top)} on top, for configure: "
+                     f"{' '.join(e.package for e in top)}")
         try:
             stats: dict = {}
             debs = fetch_debs(unit.cache.root / "debs", entries, upstream_proxy=unit.target.apt_proxy, log=log,

@@ -32,7 +32,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .. import epoch, initramfs_inputs, usrmerge
+from .. import epoch, initramfs_inputs, unpack, usrmerge
 from ..cache import digest_json, remove_tree
 from ..config import INITRAMFS_COMPRESSORS
 from ..container import run_in
@@ -191,14 +191,27 @@ AUDITED = {
 EARLY_ENV = "HYPERSOLID_EARLY_INITRAMFS"
 
 
-def start_early(unit: Unit, bootstrap: Path, work: Path, log: Log) -> "Isolated | None":
-    """Start making the initramfs from the bootstrap tree in an isolated
-    child, so it runs beside `dpkg --configure` (the two longest stages of
-    an emulated build, each on one core).  The child publishes the memo
-    the initramfs stage then finds over the configured tree (the early
-    cutoff's check, unchanged): what it records must be the same there, or
-    the stage builds as before.  None (with the reason in the log) when this
-    cannot pay off or cannot be trusted."""
+class NoEarly(Exception):
+    """Why the early child made no initramfs (a note, never a failure)."""
+
+
+def unaudited(tree: Path) -> list[str]:
+    """The packages owning initramfs-tools files that have a postinst not in AUDITED."""
+    info = tree / "var/lib/dpkg/info"
+    owners, _ = initramfs_inputs.config_owners(tree)
+    return [o for o in owners if o not in AUDITED and (any(info.glob(f"{o}.postinst"))
+                                                       or any(info.glob(f"{o}:*.postinst")))]
+
+
+def start_early(unit: Unit, bootstrap: Path, work: Path, log: Log, top: list[Path] = ()) -> "Isolated | None":
+    """Start making the initramfs from the bootstrap tree and the top
+    packages' .debs (`top`, layers.py) in an isolated child, so it runs
+    beside `dpkg --configure` (the two longest stages of an emulated build,
+    each on one core).  The child publishes the memo the initramfs stage
+    then finds over the configured tree (the early cutoff's check,
+    unchanged): what it records must be the same there, or the stage builds
+    as before.  None (with the reason in the log) when this cannot pay off
+    or cannot be trusted."""
     from ..container import emulated
     from ..run import Isolated
     from . import STAGES, real_target, view
@@ -211,15 +224,13 @@ def start_early(unit: Unit, bootstrap: Path, work: Path, log: Log) -> "Isolated 
     unit = view(stage, whole)
     t = unit.target
     kver = kernel_version(bootstrap)
-    if missing(bootstrap, kver, unit.arch, t.initramfs_compression):
-        return None  # the initramfs stage says what is missing
+    if kver is None or (not top and missing(bootstrap, kver, unit.arch, t.initramfs_compression)):
+        return None  # the initramfs stage says what is missing (the child checks it with the top packages)
     if t.hook_files("pre-configure"):
         log.note("# initramfs after configure: a pre-configure hook may change what it is made of")
         return None
-    info = bootstrap / "var/lib/dpkg/info"
     owners, _ = initramfs_inputs.config_owners(bootstrap)
-    unknown = [o for o in owners if o not in AUDITED and (any(info.glob(f"{o}.postinst"))
-                                                          or any(info.glob(f"{o}:*.postinst")))]
+    unknown = unaudited(bootstrap)
     if unknown:
         log.note(f"# initramfs after configure: the postinst of {', '.join(unknown)} may make what it holds")
         return None
@@ -231,7 +242,7 @@ def start_early(unit: Unit, bootstrap: Path, work: Path, log: Log) -> "Isolated 
         return None
     early_log = Log(unit.log_path("initramfs-early"), f"initramfs-early:{t.name}/{unit.arch}")
     log.note(f"# making the initramfs from the bootstrap tree meanwhile: {early_log.path}")
-    return Isolated(_early, unit, bootstrap, work, kver, static, sde, early_log)
+    return Isolated(_early, unit, bootstrap, [Path(p) for p in top], work, kver, static, sde, early_log)
 
 
 def hook_versions(tree: Path, owners: list[str], kver: str, unpacked: bool) -> dict:
@@ -239,13 +250,28 @@ def hook_versions(tree: Path, owners: list[str], kver: str, unpacked: bool) -> d
     return initramfs_inputs.package_versions(tree, [*owners, f"linux-image-{kver}"], unpacked)
 
 
-def _early(unit: Unit, bootstrap: Path, work: Path, kver: str, static: str, sde: int, log: Log) -> None:
-    """The isolated child of start_early: a copy of the bootstrap tree made
-    what configure makes of it for mkinitramfs, then `make` over it."""
+def _early(unit: Unit, bootstrap: Path, top: list[Path], work: Path, kver: str, static: str, sde: int,
+           log: Log) -> None:
+    """The isolated child of start_early: a copy of the bootstrap tree with
+    the top packages unpacked as the bootstrap unpacks (a flat build's tree
+    before configure), made what configure makes of it for mkinitramfs,
+    then `make` over it."""
     try:
         tree = work / "tree"
         work.mkdir()
         run(["cp", "-a", bootstrap, tree], log)
+        if top:
+            archives = tree / unpack.ARCHIVES
+            archives.mkdir(parents=True, exist_ok=True)
+            for deb in top:
+                shutil.copyfile(deb, archives / deb.name)
+            unpack.unpack(tree, log)
+            problem = missing(tree, kver, unit.arch, unit.target.initramfs_compression)
+            if problem:
+                raise NoEarly(problem)
+            unknown = unaudited(tree)
+            if unknown:
+                raise NoEarly(f"the postinst of {', '.join(unknown)} may make what it holds")
         _prepare_early(tree, kver, unit.arch, sde, log)
         make(unit, tree, kver, static, sde, work / "out", log, unpacked=True)
     finally:

@@ -4,7 +4,7 @@ Made by debsbom (Siemens) from what the image itself holds, read back from
 the squashfs: the dpkg status and the packages' usr/share/doc/*/copyright
 (DEP-5 licenses), so a package or copyright file an overlay or a hook
 changed is the one described.  Then, with the format libraries:
-- each installed package gets the sha256 of its .deb (from the bootstrap's
+- each installed package gets the sha256 of its .deb (from the configure stage's
   package lock), its architecture and source package, and its source
   package's license (debsbom puts licenses on source packages only);
 - the root component is the system image, and it contains every package;
@@ -77,7 +77,7 @@ def warnings_to(log: Log):
 @register
 class Sbom(Stage):
     name = "sbom"
-    upstream = ("bootstrap", "squashfs")
+    upstream = ("configure", "squashfs")
     helpers = ("hypersolid.lockfile", "hypersolid.epoch")
     doc = "SBOM of the system image: CycloneDX 1.6 and SPDX 2.3 (debsbom), .deb sha256 from the lock"
 
@@ -89,7 +89,7 @@ class Sbom(Stage):
         a, name = unit.arch, unit.target.name
         root = out / ".root"
         read_metadata(unit.output("squashfs") / image_name(a), root, log)
-        lock = unit.output("bootstrap", "packages.lock")
+        lock = unit.output("configure", "packages.lock")
         sde = source_date_epoch(unit)
         content = digest_json({"tree": describe_tree(root), "lock": digest_file(lock), "epoch": sde,
                                "target": name, "arch": a, "image": image_name(a),
