@@ -143,6 +143,16 @@ def unpack(tree: Path, log: Log, jobs: int | None = None) -> list[str]:
     return names
 
 
+def unpack_more(tree: Path, debs: list[Path], log: Log) -> list[str]:
+    """Unpack these .debs into an unpacked tree as the bootstrap would have
+    (copies into its archives first: `unpack` removes them afterwards)."""
+    archives = Path(tree) / ARCHIVES
+    archives.mkdir(parents=True, exist_ok=True)
+    for deb in debs:
+        shutil.copyfile(deb, archives / Path(deb).name)
+    return unpack(tree, log)
+
+
 def guard_lib64(tree: Path) -> None:
     """multistrap's guard against libc6's absolute lib64 link: a lib64 that
     is neither a directory nor a link becomes `lib64 -> ./lib`, a link to

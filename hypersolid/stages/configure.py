@@ -23,7 +23,6 @@ against the configured tree, as for any memo.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from .. import epoch, hooks, intree, lockfile, unpack, usrmerge
@@ -283,11 +282,7 @@ class Configure(Stage):
         them too)."""
         run(["cp", "-a", "--reflink=auto", bootstrap, tree], log)
         if unpacked:
-            archives = tree / unpack.ARCHIVES
-            archives.mkdir(parents=True, exist_ok=True)
-            for deb in unpacked:
-                shutil.copyfile(deb, archives / deb.name)
-            unpack.unpack(tree, log)
+            unpack.unpack_more(tree, unpacked, log)
         if any(r.get("Package") == "usrmerge" for r in read_status(tree)):
             try:  # natively, not by the postinst's cp per file under qemu-user (usrmerge.py)
                 log.note(f"# merged /usr natively: {' '.join(usrmerge.merge(tree)) or 'nothing to merge'}")

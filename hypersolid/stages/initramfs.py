@@ -261,11 +261,7 @@ def _early(unit: Unit, bootstrap: Path, top: list[Path], work: Path, kver: str, 
         work.mkdir()
         run(["cp", "-a", bootstrap, tree], log)
         if top:
-            archives = tree / unpack.ARCHIVES
-            archives.mkdir(parents=True, exist_ok=True)
-            for deb in top:
-                shutil.copyfile(deb, archives / deb.name)
-            unpack.unpack(tree, log)
+            unpack.unpack_more(tree, top, log)
             problem = missing(tree, kver, unit.arch, unit.target.initramfs_compression)
             if problem:
                 raise NoEarly(problem)
