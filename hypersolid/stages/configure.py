@@ -3,8 +3,9 @@ the top packages installed onto it (layers.py).
 
 The base (the bootstrap tree) is configured once per bootstrap entry and
 kept as a memo (<cache>/configure-base/<key>/): a package added on top,
-the common change, copies that tree and runs `dpkg -i` of the top
-packages instead of configuring ~160 packages again.  A cold build takes
+the common change, runs `dpkg -i` of the top packages over that tree
+instead of configuring ~160 packages again, and the stage's tree is the
+memo's files linked plus what the install changed (delta.py).  A cold build takes
 the same two steps, so both make the same tree.
 
 The expensive stage (under qemu-user for foreign architectures), so its
@@ -25,11 +26,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import epoch, hooks, intree, lockfile, unpack, usrmerge
+from .. import delta, epoch, hooks, intree, lockfile, unpack, usrmerge
 from ..container import install_script, run_in
 from ..debproxy import DebProxy, MissingDebs, fetch_debs
 from ..dpkg import read_status, write_package_manifest
-from ..run import Log, run
+from ..run import Log, isolated, run
 from ..cache import digest_file, digest_json, remove_tree
 from ..resolve import keyring_of
 from .bootstrap import lock_path, read_layers
@@ -157,7 +158,7 @@ def build_sources(sections: list[dict], arch: str, keyring: str) -> str:
 @register
 class Configure(Stage):
     name = "configure"
-    helpers = ("hypersolid.container", "hypersolid.dpkg", "hypersolid.epoch", "hypersolid.hooks", "hypersolid.intree",
+    helpers = ("hypersolid.container", "hypersolid.delta", "hypersolid.dpkg", "hypersolid.epoch", "hypersolid.hooks", "hypersolid.intree",
                "hypersolid.lockfile", "hypersolid.unpack", "hypersolid.usrmerge")
     upstream = ("bootstrap",)
     doc = "packages configured in a container (dpkg --configure, pre-configure hooks)"
@@ -235,7 +236,9 @@ class Configure(Stage):
 
     def _layered(self, unit: Unit, bootstrap: Path, tree: Path, top: list, debs: dict, log: Log) -> None:
         """The configured base from its memo (or configured and memoised),
-        a copy of it, and the top packages installed onto that copy."""
+        and the top packages installed over it: in an overlay, whose changes
+        then go onto links to the memo's files instead of a copy of the memo
+        (delta.py; a copy where overlayfs is missing)."""
         key = self.base_key(unit)
         # Which base this build used, beside the stages' key files: gc keeps the last build's entries.
         unit.build_dir.mkdir(parents=True, exist_ok=True)
@@ -249,15 +252,38 @@ class Configure(Stage):
         else:
             log.note(f"# the configured base is unchanged: reusing {base}")
             log.progress(force=True, count="Setting up ", count_what="packages configured", count_total=len(top))
-        run(["cp", "-a", "--reflink=auto", base / "tree", tree], log)
+        work = tree.parent / ".top"
+        if isolated(self._install_over, unit, base / "tree", work, top, debs, log):
+            # The base's files linked, the install's changes moved onto them (delta.py).
+            delta.link_tree(base / "tree", tree, log)
+            delta.apply(work / "upper", tree)
+            remove_tree(work)
+        else:
+            log.note("# overlayfs unavailable: installing onto a copy of the base")
+            run(["cp", "-a", "--reflink=auto", base / "tree", tree], log)
+            self._install_top(unit, tree, top, debs, log)
+
+    def _install_over(self, unit: Unit, lower: Path, work: Path, top: list, debs: dict, log: Log) -> bool:
+        """In an isolated child: the top packages installed in an overlay over
+        the base memo, whose upper dir (work/upper) is then what they changed;
+        False without overlayfs."""
+        merged = delta.overlay(lower, work, log)
+        if merged is None:
+            return False
+        self._install_top(unit, merged, top, debs, log)
+        run(["umount", merged], log, contain=False)
+        return True
+
+    def _install_top(self, unit: Unit, tree: Path, top: list, debs: dict, log: Log) -> None:
+        """`dpkg -i` of the top packages onto the configured base at `tree`."""
         script = install_script(tree, "top", TOP)  # first: it makes /.hypersolid afresh
-        root = intree.Root(tree)
-        root.makedirs(".hypersolid/debs")
         names = []
-        for entry in sorted(top):  # copies: a maintainer script must not reach the cache's .debs
-            name = f".hypersolid/debs/{entry.package}_{entry.architecture}.deb"
-            root.copy_file(debs[entry], name, mode=0o644)
-            names.append(f"/{name}")
+        with intree.Root(tree) as root:  # closed: an open directory would keep the overlay busy
+            root.makedirs(".hypersolid/debs")
+            for entry in sorted(top):  # copies: a maintainer script must not reach the cache's .debs
+                name = f".hypersolid/debs/{entry.package}_{entry.architecture}.deb"
+                root.copy_file(debs[entry], name, mode=0o644)
+                names.append(f"/{name}")
         log.note(f"# installing {len(top)} top package(s) onto the base: {' '.join(e.package for e in sorted(top))}")
         run_in(tree, [script, "top", unit.target.locale, *names], log, unit.arch, env=epoch.unit_env(unit))
         self._check_installed(tree, log)
