@@ -26,7 +26,7 @@ import secrets
 import stat
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cache import Cache, last_used, remove_tree, sweep_leftovers
@@ -72,15 +72,33 @@ class Item:
     """One removable thing: an entry, a .deb, an apt state directory."""
     kind: str  # the stage (or "sbom-content"), "debs" or "apt"
     path: Path
-    size: int  # bytes on disk
+    size: int  # bytes on disk: its own, plus the hard-linked files scan counted with it
     used: float  # last use, seconds since the epoch
     kept: bool = False  # a target's last build in this workspace used it
+    # Its files with more links (a configure entry shares the base memo's):
+    # (device, inode) -> (links in this item, links in all, bytes).
+    shared: dict = field(default_factory=dict)
+    own: int | None = None  # bytes only this item holds (None: all of size)
+    freed: int = 0  # set by plan: what removing it frees
+
+    def freeing(self, links_left: dict) -> int:
+        """The bytes removing it frees, given the links of shared files that
+        earlier removals left (updated): a file shared with something that
+        stays frees nothing."""
+        freed = self.size if self.own is None else self.own
+        for inode, (here, links, size) in self.shared.items():
+            left = links_left.get(inode, links) - here
+            links_left[inode] = left
+            if left <= 0:
+                freed += size
+        return freed
 
 
-def disk_usage(path: Path, seen: set) -> int:
-    """Bytes on disk under path (a file or a tree), each inode counted once
-    in `seen` (hard links across entries)."""
-    total = 0
+def disk_usage(path: Path, seen: set, shared: dict | None = None) -> tuple[int, int]:
+    """(bytes on disk under path (a file or a tree) with each inode counted
+    once in `seen`, of them the bytes of inodes with one link).  Inodes with
+    more links go into `shared` as Item.shared has them."""
+    total = own = 0
     stack = [str(path)]
     while stack:
         p = stack.pop()
@@ -88,25 +106,33 @@ def disk_usage(path: Path, seen: set) -> int:
             st = os.lstat(p)
         except OSError:
             continue
-        if (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            total += st.st_blocks * 512
+        size = st.st_blocks * 512
+        inode = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and shared is not None:
+            here = shared.get(inode, (0, st.st_nlink, size))
+            shared[inode] = (here[0] + 1, st.st_nlink, size)
+        elif not stat.S_ISDIR(st.st_mode) or inode not in seen:
+            own += size
+        if inode not in seen:
+            seen.add(inode)
+            total += size
         if stat.S_ISDIR(st.st_mode):  # lstat: a link to a directory is not followed
             try:
                 stack += [os.path.join(p, n) for n in os.listdir(p)]
             except OSError:
                 pass
-    return total
+    return total, own
 
 
 def scan(cache: Cache, kept: set[Path] = frozenset()) -> tuple[list[Item], int]:
-    """(the items gc manages, bytes of everything else in the cache)."""
-    items: list[Item] = []
-    seen: set = set()
-    other = 0
+    """(the items gc manages, bytes of everything else in the cache).  A
+    file hard-linked into several items is counted once: with a kept item
+    if one holds it (the bytes the last build needs), else the first."""
+    found: list[tuple[str, Path, float]] = []
+    others: list[Path] = []
     root = cache.root
     if not root.is_dir():
-        return items, other
+        return [], 0
     for top in sorted(root.iterdir()):
         name = top.name
         if name == DEBS and top.is_dir():
@@ -114,36 +140,44 @@ def scan(cache: Cache, kept: set[Path] = frozenset()) -> tuple[list[Item], int]:
                 for f in files:
                     path = Path(dirpath) / f
                     if not f.endswith(".deb"):
-                        other += disk_usage(path, seen)
+                        others.append(path)
                         continue
                     try:
-                        st = os.lstat(path)
+                        found.append((DEBS, path, os.lstat(path).st_atime))
                     except OSError:
                         continue
-                    items.append(Item(DEBS, path, disk_usage(path, seen), st.st_atime, path in kept))
         elif top.is_dir() and not top.is_symlink() and name != TMP and not name.startswith("."):
             for entry in sorted(top.iterdir()):
                 if DIGEST.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
-                    items.append(Item(name, entry, disk_usage(entry, seen), last_used(entry), entry in kept))
+                    found.append((name, entry, last_used(entry)))
                 else:
-                    other += disk_usage(entry, seen)
+                    others.append(entry)
         else:
-            other += disk_usage(top, seen)
-    return items, other
+            others.append(top)
+    seen: set = set()
+    other = sum(disk_usage(path, seen)[0] for path in others)
+    items = []
+    for kind, path, used in sorted(found, key=lambda f: f[1] not in kept):  # stable: kept first
+        shared: dict = {}
+        size, own = disk_usage(path, seen, shared)
+        items.append(Item(kind, path, size, used, path in kept, shared, own))
+    return sorted(items, key=lambda i: (str(i.path.parent), str(i.path))), other
 
 
 def plan(items: list[Item], max_size: int | None, max_age: float | None, now: float) -> list[Item]:
     """What to remove: anything not kept unused for more than max_age days,
     then least recently used first (kept items last) until the rest fits
     max_size.  `items`' total is what must fit (plus nothing else: the caller
-    subtracts unmanaged bytes from the bound)."""
+    subtracts unmanaged bytes from the bound).  Each doomed item's `freed`
+    is what removing it (after the ones before it) frees."""
     total = sum(i.size for i in items)
-    doomed = []
+    doomed, links_left = [], {}
     for item in sorted(items, key=lambda i: (i.kept, i.used, str(i.path))):
         too_old = max_age is not None and not item.kept and now - item.used > max_age * 86400
         if too_old or (max_size is not None and total > max_size):
+            item.freed = item.freeing(links_left)
             doomed.append(item)
-            total -= item.size
+            total -= item.freed
     return doomed
 
 
@@ -226,7 +260,7 @@ def gc(project, cache: Cache, max_size: int | None, max_age: float | None, *, dr
         now, verb = time.time(), "would remove" if dry_run else "removed"
         for item in doomed:
             if item.kind != DEBS:
-                out(f"{verb} {os.path.relpath(item.path, cache.root)}  {human(item.size)}, last used "
+                out(f"{verb} {os.path.relpath(item.path, cache.root)}  {human(item.freed)}, last used "
                     f"{(now - item.used) / 86400:.1f} days ago{' (last build)' if item.kept else ''}")
             if not dry_run:
                 remove(cache, item)
@@ -235,9 +269,9 @@ def gc(project, cache: Cache, max_size: int | None, max_age: float | None, *, dr
             if debs:
                 ages = sorted({f"{(now - i.used) / 86400:.1f}" for i in debs}, key=float)
                 out(f"{verb} {len(debs)} .debs{' of the last builds' if kept else ''} from {DEBS}/  "
-                    f"{human(sum(i.size for i in debs))}, last used {'-'.join(dict.fromkeys([ages[0], ages[-1]]))} "
+                    f"{human(sum(i.freed for i in debs))}, last used {'-'.join(dict.fromkeys([ages[0], ages[-1]]))} "
                     "days ago")
-        after = before - sum(i.size for i in doomed)
+        after = before - sum(i.freed for i in doomed)
     gone = {id(i) for i in doomed}
     left = [i for i in items if id(i) not in gone]
     out(f"hypersolid: cache gc: {cache.root}: {human(before)} before, {human(after)} after "

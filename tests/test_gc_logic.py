@@ -140,6 +140,38 @@ def test_scan_counts_entries_debs_and_apt_state_and_leaves_the_rest(tmp_path):
     assert all(i.size >= 16 << 10 for i in found) and other >= 8 << 10
 
 
+def linked_entries(tmp_path) -> tuple[Cache, Path, Path]:
+    """A configure entry whose big file is a hard link to its base memo's
+    (delta.py), each with a small file of its own."""
+    cache = Cache(tmp_path / "cache")
+    base, entry = cache.entry("configure-base", key(0)), cache.entry("configure", key(1))
+    for d in (base, entry):
+        (d / "tree").mkdir(parents=True)
+        (d / "tree/own").write_bytes(os.urandom(16 << 10))
+    (base / "tree/big").write_bytes(os.urandom(1 << 20))
+    os.link(base / "tree/big", entry / "tree/big")
+    return cache, base, entry
+
+
+def test_a_file_linked_into_two_entries_is_counted_once_and_with_the_kept_one(tmp_path):
+    cache, base, entry = linked_entries(tmp_path)
+    found, _ = scan(cache, kept={entry})
+    size = {i.path: i.size for i in found}
+    assert size[entry] > 1 << 20 > size[base]
+    assert sum(size.values()) < (1 << 20) + (64 << 10)  # not twice
+
+
+def test_removing_an_entry_whose_files_another_holds_frees_only_its_own(tmp_path):
+    cache, base, entry = linked_entries(tmp_path)
+    found, _ = scan(cache, kept={entry})
+    total = sum(i.size for i in found)
+    # Asked to free 100 KiB: the base goes (not kept), but frees only its own file.
+    doomed = plan(found, total - (100 << 10), None, time.time())
+    assert [i.path for i in doomed] == [base, entry]
+    assert doomed[0].freed < 64 << 10 and doomed[1].freed > 1 << 20  # the big file goes with its last link
+    assert sum(i.freed for i in doomed) == total
+
+
 def workspace(tmp_path, cache: Cache, last: dict[str, str]) -> Project:
     """A workspace whose last build recorded these key files."""
     root = tmp_path / "ws"
