@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import os
 import re
 import time
@@ -124,16 +125,39 @@ def _plain_text(data: bytes) -> bytes:
     return data
 
 
-def required_packages(lists: Path) -> set[str]:
+def required_packages(lists: Path, memo: Path | None = None) -> set[str]:
     """Priority: required (and Essential packages without a priority) in the
-    fetched Packages lists: what multistrap adds (get_required_debs)."""
+    fetched Packages lists: what multistrap adds (get_required_debs).  With
+    `memo` (a JSON file), a list whose size and mtime are unchanged since the
+    last call (apt-get update kept it) is not read again: 0.2 s."""
+    try:
+        known = json.loads(memo.read_text()) if memo else {}
+    except (OSError, ValueError):
+        known = {}
     out: set[str] = set()
+    now = {}
     for path in package_lists(lists):
-        for stanza in _plain_text(path.read_bytes()).split(b"\n\n"):
-            if b"\nPriority: required" in stanza or (b"\nEssential: yes" in stanza and b"\nPriority:" not in stanza):
-                m = re.match(rb"Package: *(\S+)", stanza.lstrip(b"\n"))
-                if m:
-                    out.add(m.group(1).decode())
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns]
+        names = known.get(path.name, [None, None, None])
+        if names[:2] != stamp:
+            names = [*stamp, sorted(_required_in(_plain_text(path.read_bytes())))]
+        now[path.name] = names
+        out.update(names[2])
+    if memo and now != known:
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(now))
+        os.replace(tmp, memo)
+    return out
+
+
+def _required_in(data: bytes) -> set[str]:
+    out = set()
+    for stanza in data.split(b"\n\n"):
+        if b"\nPriority: required" in stanza or (b"\nEssential: yes" in stanza and b"\nPriority:" not in stanza):
+            m = re.match(rb"Package: *(\S+)", stanza.lstrip(b"\n"))
+            if m:
+                out.add(m.group(1).decode())
     return out
 
 
@@ -152,6 +176,20 @@ def pool_hashes(lists: Path, sources: list[str]) -> dict[tuple[str, str], tuple[
         if source is not None:
             out.update({(source, name): v for name, v in parse_packages(path.read_bytes()).items()})
     return out
+
+
+def shown_hashes(shown: str, sources: list[str]) -> dict[tuple[str, str], tuple[int, str]]:
+    """pool_hashes' answer for just the packages `apt-cache show` printed
+    (its records carry Filename, Size and SHA256 from the same lists), so the
+    50 MB lists need not be parsed (0.3 s).  A pool path shown with two
+    different contents is left out: pool_hashes decides it."""
+    seen: dict[str, set] = {}
+    for stanza in shown.split("\n\n"):
+        fields = dict(re.findall(r"^(Filename|Size|SHA256): *(\S+)$", stanza, re.M))
+        if len(fields) == 3:
+            seen.setdefault(fields["Filename"], set()).add((int(fields["Size"]), fields["SHA256"].lower()))
+    return {(source.rstrip("/"), pool): next(iter(found)) for pool, found in seen.items() if len(found) == 1
+            for source in sources}
 
 
 def parse_uris(text: str, sources: list[str], hashes: dict[tuple[str, str], tuple[int, str]]) -> list[LockEntry]:
@@ -200,17 +238,24 @@ def _resolve(state: Path, sections: list[dict], names: list[str], arch: str, key
         unreachable = _unreachable(tail_of(log.path, 60), [s["source"] for s in sections], proxy)
         raise log.fail(unreachable or f"apt-get update failed: {_apt_error(log, update.returncode)}")
     took_update = time.monotonic() - start
-    wanted = sorted(required_packages(state / "var/lib/apt/lists") | set(names))
+    lists = state / "var/lib/apt/lists"
+    wanted = sorted(required_packages(lists, state / "required.json") | set(names))
     plan = run(["apt-get", "-q", "-y", "--print-uris", "install", *wanted], log, env=env, check=False, capture=True)
     if plan.returncode != 0:
         raise log.fail(f"apt cannot resolve the package set: {_apt_error(log, plan.returncode)}")
-    urls = [s["source"] for s in sections]
+    uris, urls = plan.stdout.decode(errors="replace"), [s["source"] for s in sections]
+    planned = [unquote(local)[:-len(".deb")].split("_")[:2] for _url, local, _size, _md5 in URI_LINE.findall(uris)]
+    # The control data of exactly these versions: their hashes and what depends on what (mark_top).
+    shown = run(["apt-cache", "show", *(f"{name}={version}" for name, version in planned)], log,
+                env=env, check=False, capture=True).stdout.decode(errors="replace")
     try:
-        entries = parse_uris(plan.stdout.decode(errors="replace"), urls, pool_hashes(state / "var/lib/apt/lists", urls))
+        try:
+            entries = parse_uris(uris, urls, shown_hashes(shown, urls))
+        except BuildError:  # not all shown (or shown twice): from the lists themselves
+            entries = parse_uris(uris, urls, pool_hashes(lists, urls))
     except BuildError as err:
         raise log.fail(err.message) from None
-    entries = mark_top(entries, run(["apt-cache", "show", *(f"{e.package}={e.version}" for e in entries)], log,
-                                    env=env, check=False, capture=True).stdout.decode(errors="replace"), log)
+    entries = mark_top(entries, shown, log)
     log.note(f"# resolved {len(entries)} packages ({sum(e.top for e in entries)} on top): apt-get update "
              f"{took_update:.1f}s, plan {time.monotonic() - start - took_update:.1f}s")
     return entries

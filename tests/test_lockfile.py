@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import os
+
 import pytest
 
 from hypersolid import lockfile
@@ -136,6 +138,41 @@ def test_print_uris_lines_become_exact_entries():
         ("zlib1g", "1:1.2.13.dfsg-1", "http://m.example/debian", "pool/main/z/zlib/zlib1g_1.2.13.dfsg-1_amd64.deb")]
     with pytest.raises(Exception, match="not in the Packages lists"):
         resolve.parse_uris(text, sources, {})
+
+
+def test_apt_cache_show_records_give_the_hashes_unless_a_pool_path_has_two_contents():
+    other = "b" * 64
+    shown = ("Package: zlib1g\nVersion: 1:1.2.13.dfsg-1\nFilename: pool/main/z/zlib/zlib1g_1.2.13.dfsg-1_amd64.deb\n"
+             f"Size: 86880\nSHA256: {SHA.upper()}\n\n"
+             "Package: twice\nVersion: 1\nFilename: pool/main/t/twice/twice_1_all.deb\nSize: 10\n"
+             f"SHA256: {SHA}\n\n"
+             "Package: twice\nVersion: 1\nFilename: pool/main/t/twice/twice_1_all.deb\nSize: 10\n"
+             f"SHA256: {other}\n\n"
+             "Package: nohash\nVersion: 1\nFilename: pool/main/n/nohash/nohash_1_all.deb\nSize: 10\n")
+    got = resolve.shown_hashes(shown, ["http://m.example/debian/", "http://m.example/debian-security"])
+    assert got == {("http://m.example/debian", "pool/main/z/zlib/zlib1g_1.2.13.dfsg-1_amd64.deb"): (86880, SHA),
+                   ("http://m.example/debian-security", "pool/main/z/zlib/zlib1g_1.2.13.dfsg-1_amd64.deb"):
+                   (86880, SHA)}
+
+
+def test_required_packages_reads_a_list_again_only_when_apt_changed_it(tmp_path):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    index = lists / "m.example_debian_dists_bookworm_main_binary-amd64_Packages"
+    index.write_bytes(b"Package: base-files\nPriority: required\n\nPackage: less\nPriority: optional\n\n"
+                      b"Package: dash\nEssential: yes\n")
+    memo = tmp_path / "required.json"
+    assert resolve.required_packages(lists, memo) == {"base-files", "dash"}
+    st = index.stat()
+    index.write_bytes(index.read_bytes().replace(b"Package: less\nPriority: optional",
+                                                 b"Package: lesx\nPriority: required"))
+    os.utime(index, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: the memo answers
+    assert resolve.required_packages(lists, memo) == {"base-files", "dash"}
+    os.utime(index, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # apt-get update wrote it
+    assert resolve.required_packages(lists, memo) == {"base-files", "dash", "lesx"}
+    memo.write_text("not json")
+    assert resolve.required_packages(lists, memo) == {"base-files", "dash", "lesx"}
+    assert resolve.required_packages(lists) == {"base-files", "dash", "lesx"}
 
 
 def test_the_store_layout_is_apts_url_escaping(tmp_path):
