@@ -76,15 +76,15 @@ class Item:
     used: float  # last use, seconds since the epoch
     kept: bool = False  # a target's last build in this workspace used it
     # Its files with more links (a configure entry shares the base memo's):
-    # (device, inode) -> (links in this item, links in all, bytes).
+    # (device, inode) -> (links in this item, links in the cache, bytes).
     shared: dict = field(default_factory=dict)
     own: int | None = None  # bytes only this item holds (None: all of size)
     freed: int = 0  # set by plan: what removing it frees
 
     def freeing(self, links_left: dict) -> int:
-        """The bytes removing it frees, given the links of shared files that
-        earlier removals left (updated): a file shared with something that
-        stays frees nothing."""
+        """The bytes by which removing it shrinks the cache, given the links of
+        shared files that earlier removals left (updated): a file shared with
+        something that stays frees nothing."""
         freed = self.size if self.own is None else self.own
         for inode, (here, links, size) in self.shared.items():
             left = links_left.get(inode, links) - here
@@ -155,12 +155,21 @@ def scan(cache: Cache, kept: set[Path] = frozenset()) -> tuple[list[Item], int]:
         else:
             others.append(top)
     seen: set = set()
-    other = sum(disk_usage(path, seen)[0] for path in others)
+    outside: dict = {}
+    other = sum(disk_usage(path, seen, outside)[0] for path in others)
     items = []
     for kind, path, used in sorted(found, key=lambda f: f[1] not in kept):  # stable: kept first
         shared: dict = {}
         size, own = disk_usage(path, seen, shared)
         items.append(Item(kind, path, size, used, path in kept, shared, own))
+    # A file's links in the cache, not st_nlink: a link outside it (a .deb
+    # also in another cache) does not make the cache any bigger.
+    links: dict = {inode: here for inode, (here, _, _) in outside.items()}
+    for item in items:
+        for inode, (here, _, _) in item.shared.items():
+            links[inode] = links.get(inode, 0) + here
+    for item in items:
+        item.shared = {inode: (here, links[inode], size) for inode, (here, _, size) in item.shared.items()}
     return sorted(items, key=lambda i: (str(i.path.parent), str(i.path))), other
 
 

@@ -172,6 +172,17 @@ def test_removing_an_entry_whose_files_another_holds_frees_only_its_own(tmp_path
     assert sum(i.freed for i in doomed) == total
 
 
+def test_a_deb_also_linked_outside_the_cache_shrinks_it_when_removed(tmp_path):
+    cache = Cache(tmp_path / "cache")
+    deb = cache.root / "debs/m.example/debian/pool/main/l/less/less_1_amd64.deb"
+    deb.parent.mkdir(parents=True)
+    deb.write_bytes(os.urandom(64 << 10))
+    os.link(deb, tmp_path / "elsewhere.deb")  # e.g. the same .deb in another cache
+    found, other = scan(cache)
+    doomed = plan(found, 0, None, time.time())
+    assert [i.path for i in doomed] == [deb] and doomed[0].freed == found[0].size >= 64 << 10
+
+
 def workspace(tmp_path, cache: Cache, last: dict[str, str]) -> Project:
     """A workspace whose last build recorded these key files."""
     root = tmp_path / "ws"
