@@ -331,10 +331,11 @@ def clean(project: Project, target: Target, with_cache: bool) -> None:
 
 def entries_of(project: Project, target: Target, cache: Cache) -> set[tuple[str, str]]:
     """(stage, key) of a target's cache entries: those its last build
-    recorded in build/<target>/ (the sbom's memo too: sbom-content.key) and
-    those its current inputs would use; ("apt", digest): its resolver's apt
-    state."""
+    recorded in build/<target>/ (the memos too: configure-base.key,
+    sbom-content.key) and those its current inputs would use; ("apt",
+    digest): its resolver's apt state."""
     from .gc import APT, apt_states
+    from .stages.configure import BASE
     from .stages.sbom import MEMO
     found = set()
     for key_file in (project.root / "build" / target.name).rglob("*.key"):
@@ -342,7 +343,7 @@ def entries_of(project: Project, target: Target, cache: Cache) -> set[tuple[str,
     for arch in target.architectures:
         found |= set(planned_keys(Unit(project, target, arch, cache)).items())
     found |= {(APT, state.name) for state in apt_states(project, cache, [target])}
-    return {(s, k) for s, k in found if s in (MEMO, APT) or (s in STAGES and STAGES[s].cached)}
+    return {(s, k) for s, k in found if s in (BASE, MEMO, APT) or (s in STAGES and STAGES[s].cached)}
 
 
 def clean_cache(project: Project, target: Target) -> None:

@@ -133,17 +133,15 @@ def test_identical_package_sets_share_the_configure_entry(project):
 def test_a_package_added_on_top_keeps_the_bootstrap_and_the_configured_base(project):
     project.doit("squashfs:tiny")
     old_bootstrap, old_configure = project.key("bootstrap", "tiny"), project.key("configure", "tiny")
-    # written when configure runs (not when an earlier test's entry was a cache hit)
     base_key = project.root / "build/tiny/amd64/configure-base.key"
-    old_base = base_key.read_text() if base_key.exists() else None
+    old_base = base_key.read_text()
     yaml = project.root / "targets/tiny/target.yaml"
     yaml.write_text(yaml.read_text().replace("packages: [netbase]", "packages: [netbase, less]"))
     result = project.doit("squashfs:tiny")
     assert {"resolve:tiny", "configure:tiny", "squashfs:tiny"} <= result.executed
     # less needs only what the set has: a top package, the base is unchanged (layers.py)
     assert project.key("bootstrap", "tiny") == old_bootstrap
-    if old_base is not None:
-        assert base_key.read_text() == old_base
+    assert base_key.read_text() == old_base
     assert project.key("configure", "tiny") != old_configure
     assert "less\t" in (project.entry("configure", "tiny") / "packages.tsv").read_text()
     top = {e.package for e in lockfile.read(project.entry("configure", "tiny") / "packages.lock") if e.top}
@@ -163,6 +161,10 @@ def test_fresh_checkout_with_restored_cache_rebuilds_nothing(project, tmp_path):
     assert ALL <= result.executed  # no doit database yet: each stage looks up its key...
     assert result.output.count("cache hit") == 4  # ...and finds it
     assert clone.key("squashfs", "tiny") == project.key("squashfs", "tiny")
+    # configure was a cache hit, and still names the base memo it stands on (gc keeps it)
+    base = (clone.root / "build/tiny/amd64/configure-base.key").read_text().strip()
+    assert base == (project.root / "build/tiny/amd64/configure-base.key").read_text().strip()
+    assert (project.cache / "configure-base" / base / "tree").is_dir()
     assert clone.doit("squashfs:tiny").executed == set()
 
 

@@ -165,9 +165,10 @@ def project_with_locks(tmp_path, extra_top: bool):
 def keys(project, name):
     from hypersolid.cache import Cache
     from hypersolid.stages import STAGES, Unit, planned_keys
+    from hypersolid.stages.configure import base_key
     u = Unit(project, project.load(name), "amd64", Cache(project.root / "cache"))
     planned = planned_keys(u)
-    return planned, STAGES["configure"].base_key(u, {"bootstrap": planned["bootstrap"]}), u
+    return planned, base_key(STAGES["configure"].manifest(u, {"bootstrap": planned["bootstrap"]})), u
 
 
 def test_the_bootstrap_unpacks_the_base_and_configure_gets_the_top(tmp_path):

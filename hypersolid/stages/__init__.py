@@ -254,6 +254,11 @@ class Stage:
     def build(self, unit: Unit, out: Path, log: Log) -> None:
         raise NotImplementedError
 
+    def reused(self, unit: Unit, manifest: dict) -> None:
+        """Called when the entry is found instead of built (here or in the
+        remote cache): a stage whose build stands on a memo records it here
+        too, as its build does."""
+
     def code_version(self) -> str:
         modules = [type(self).__module__, *self.helpers]
         return digest_json([digest_file(sys.modules[m].__file__) for m in modules])
@@ -381,6 +386,8 @@ def execute(stage_name: str, unit: Unit) -> dict:
         log.note(f"# built in {time.monotonic() - start:.1f}s, published as {unit.cache.entry(stage_name, key)}")
     else:
         log.note(f"# cache hit: {hit}")
+    if hit is not None:
+        stage.reused(unit, manifest)
     if remote is not None and hit != "remote" and remote.push(unit.cache, stage_name, key):
         log.note(f"# pushed to {remote.config.url}")
     key_file.parent.mkdir(parents=True, exist_ok=True)

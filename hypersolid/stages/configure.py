@@ -145,6 +145,17 @@ BUILD_LIST = "etc/apt/sources.list.d/hypersolid-build.list"
 BUILD_KEYRING = "etc/apt/keyrings/hypersolid-build.gpg"
 
 
+def base_key(manifest: dict) -> str:
+    """The key of the configured base, from configure's manifest: without the
+    top packages and without the sections' package names (the base's
+    packages are the bootstrap's, whose key is upstream; of the sections the
+    build reads the sources only)."""
+    settings = {k: v for k, v in manifest["settings"].items() if k != "top"}
+    settings["sections"] = [{k: v for k, v in s.items() if k not in ("packages", "arch_packages")}
+                            for s in settings["sections"]]
+    return digest_json({**manifest, "settings": settings, "stage": BASE})
+
+
 def build_sources(sections: list[dict], arch: str, keyring: str) -> str:
     """The apt sources a hook's apt sees: the target's sections and the
     security archive (the bootstrap's own list named its loopback repository
@@ -183,9 +194,9 @@ class Configure(Stage):
         # Forked first, before this process starts any thread (the proxy's).
         early = initramfs.start_early(unit, bootstrap, out / ".early", log, [debs[e] for e in sorted(top)])
         try:
-            if top and not unit.target.hook_files("pre-configure"):
+            if self.layered(unit, top):
                 self._layered(unit, bootstrap, tree, top, debs, log)
-            else:  # a pre-configure hook may read or edit any package's files: all unpacked first
+            else:  # all unpacked first, for the hooks
                 self._configure(unit, bootstrap, tree, log, unit.target.locale, "flat",
                                 unpacked=[debs[e] for e in sorted(top)])
             lockfile.write(out / "packages.lock", [*lockfile.read(unit.output("bootstrap", "packages.lock")), *top],
@@ -213,16 +224,25 @@ class Configure(Stage):
         read = read_layers(unit)
         return [] if isinstance(read, str) else read[1]
 
-    def base_key(self, unit: Unit, upstream_keys: dict[str, str] | None = None) -> str:
-        """The key of the configured base: this stage's without the top
-        packages and without the sections' package names (the base's
-        packages are the bootstrap's, whose key is upstream; of the sections
-        the build reads the sources only)."""
-        manifest = self.manifest(unit, upstream_keys)
-        settings = {k: v for k, v in manifest["settings"].items() if k != "top"}
-        settings["sections"] = [{k: v for k, v in s.items() if k not in ("packages", "arch_packages")}
-                                for s in settings["sections"]]
-        return digest_json({**manifest, "settings": settings, "stage": BASE})
+    def reused(self, unit: Unit, manifest: dict) -> None:
+        # A fresh workspace whose configure entry is a cache hit still stands on the base memo.
+        if self.layered(unit, self.top(unit)):
+            self._use_base(unit, base_key(manifest))
+
+    @staticmethod
+    def layered(unit: Unit, top: list) -> bool:
+        """Whether the build is base + top: there is a top, and no
+        pre-configure hook (which may read or edit any package's files)."""
+        return bool(top) and not unit.target.hook_files("pre-configure")
+
+    @staticmethod
+    def _use_base(unit: Unit, key: str) -> Path | None:
+        """The base memo's entry, if there, looked up (a use); and which base
+        this build stands on, recorded beside the stages' key files, so gc
+        and `clean --cache` count it among the last build's entries."""
+        unit.build_dir.mkdir(parents=True, exist_ok=True)
+        (unit.build_dir / f"{BASE}.key").write_text(key + "\n")
+        return unit.cache.lookup(BASE, key)
 
     @staticmethod
     def _fetch(unit: Unit, top: list, log: Log) -> dict:
@@ -239,11 +259,8 @@ class Configure(Stage):
         and the top packages installed over it: in an overlay, whose changes
         then go onto links to the memo's files instead of a copy of the memo
         (delta.py; a copy where overlayfs is missing)."""
-        key = self.base_key(unit)
-        # Which base this build used, beside the stages' key files: gc keeps the last build's entries.
-        unit.build_dir.mkdir(parents=True, exist_ok=True)
-        (unit.build_dir / f"{BASE}.key").write_text(key + "\n")
-        base = unit.cache.lookup(BASE, key)
+        key = base_key(self.manifest(unit))
+        base = self._use_base(unit, key)
         if base is None:
             with unit.cache.publish(BASE, key, {"stage": BASE, "target": unit.target.name, "arch": unit.arch}) as work:
                 self._configure(unit, bootstrap, work / "tree", log, "", "base", len(top))
