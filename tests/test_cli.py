@@ -287,8 +287,7 @@ def test_clean_removes_only_the_named_targets_outputs_and_cache_entries(ws):
     assert not others_image.exists() and childs_image.is_dir()
     assert all((ws.cache / s / k).is_dir() for s, k in shared.items())   # child still uses them
     kept = result.out.split("kept shared: ")[1]
-    # apt: the resolver's state of their one source set; configure-base: the memo both stand on
-    for what in ("apt", "bootstrap", "configure", "configure-base"):
+    for what in ("apt", "bootstrap", "configure"):  # apt: the resolver's state of their one source set
         assert f"{what} (also child)" in kept
     assert ws.hypersolid("build", "child").executed == set()              # child untouched
     rebuilt = ws.hypersolid("build", "other")                # key files gone: stages run again,

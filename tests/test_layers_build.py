@@ -5,7 +5,10 @@ of the package set, never of what the cache holds)."""
 from __future__ import annotations
 
 import filecmp
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +54,11 @@ def test_a_top_package_added_builds_the_bytes_of_a_cold_build(tmp_path, shared_c
         assert cold.key(stage, "t") == incremental.key(stage, "t"), stage
     assert filecmp.cmp(incremental.entry("squashfs", "t") / "system-amd64.img",
                        cold.entry("squashfs", "t") / "system-amd64.img", shallow=False)
+
+    # clean --cache drops the base memo with the target's entries (its key file names it).
+    base = cold.cache / "configure-base" / (cold.root / "build/t/amd64/configure-base.key").read_text().strip()
+    configured = cold.entry("configure", "t")
+    assert base.is_dir() and configured.is_dir()
+    subprocess.run([str(Path(sys.executable).with_name("hypersolid")), "clean", "--cache", "t"], cwd=cold.root,
+                   env={**os.environ, "HYPERSOLID_CACHE": str(fresh)}, check=True, capture_output=True)
+    assert not base.exists() and not configured.exists()
